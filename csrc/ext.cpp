@@ -1,0 +1,39 @@
+// The Python module rtdetr_fast._C. Importing it loads this library, whose TORCH_LIBRARY
+// blocks (one per op, in csrc/<op>/<op>.cpp) register the ops under torch.ops.rtdetr_fast.
+#include <torch/extension.h>
+
+#include <string>
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef RTDETR_FAST_WITH_CUDA
+  info["cuda"] = true;
+#ifdef CUDA_VERSION
+  info["cuda_version"] = std::to_string(CUDA_VERSION);
+#endif
+#else
+  info["cuda"] = false;
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+#ifdef RTDETR_FAST_TORCH_VERSION
+  info["torch_version"] = RTDETR_FAST_TORCH_VERSION;
+#endif
+#ifdef RTDETR_FAST_CUDA_ARCHS
+  info["cuda_archs"] = RTDETR_FAST_CUDA_ARCHS;
+#endif
+  info["compiler"] = std::string(__VERSION__);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rtdetr_fast native kernels";
+  m.def("build_info", &build_info, "How this extension was built");
+}

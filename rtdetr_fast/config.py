@@ -1,0 +1,200 @@
+"""Model configuration: frozen dataclasses and the named presets of the official RT-DETR (v1).
+
+The presets reproduce the official ``rtdetr_pytorch`` YAML configs (rtdetr_r18vd_6x_coco.yml and
+friends) field for field. Every field is an override of :func:`get_config`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Tuple
+
+__all__ = [
+    "BackboneConfig",
+    "EncoderConfig",
+    "DecoderConfig",
+    "RTDETRConfig",
+    "PRESETS",
+    "get_config",
+    "list_presets",
+]
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    depth: int = 50
+    variant: str = "d"
+    num_stages: int = 4
+    return_idx: Tuple[int, ...] = (1, 2, 3)
+    act: str = "relu"
+    # freeze_at >= 0 freezes the stem and the first freeze_at stages (requires_grad=False)
+    freeze_at: int = 0
+    # freeze_norm replaces every BatchNorm2d by FrozenBatchNorm2d (statistics as buffers)
+    freeze_norm: bool = True
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    in_channels: Tuple[int, ...] = (512, 1024, 2048)
+    feat_strides: Tuple[int, ...] = (8, 16, 32)
+    hidden_dim: int = 256
+    nhead: int = 8
+    dim_feedforward: int = 1024
+    dropout: float = 0.0
+    enc_act: str = "gelu"
+    use_encoder_idx: Tuple[int, ...] = (2,)
+    num_encoder_layers: int = 1
+    pe_temperature: float = 10000.0
+    expansion: float = 1.0
+    depth_mult: float = 1.0
+    act: str = "silu"
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    hidden_dim: int = 256
+    num_levels: int = 3
+    num_points: int = 4
+    nhead: int = 8
+    num_decoder_layers: int = 6
+    dim_feedforward: int = 1024
+    dropout: float = 0.0
+    activation: str = "relu"
+    num_queries: int = 300
+    num_denoising: int = 100
+    label_noise_ratio: float = 0.5
+    box_noise_scale: float = 1.0
+    learnt_init_query: bool = False
+    eval_idx: int = -1
+    eps: float = 1e-2
+    aux_loss: bool = True
+
+
+@dataclass(frozen=True)
+class RTDETRConfig:
+    name: str = "rtdetr_r50vd"
+    num_classes: int = 80
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # (H, W) the model is evaluated at; anchors and position embeddings are cached for it
+    eval_spatial_size: Tuple[int, int] = (640, 640)
+    # detections kept by the post-processor (top-K over queries x classes)
+    num_top_queries: int = 300
+
+    @property
+    def feat_strides(self) -> Tuple[int, ...]:
+        return self.encoder.feat_strides
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RTDETRConfig":
+        d = dict(d)
+        sub = {
+            "backbone": BackboneConfig,
+            "encoder": EncoderConfig,
+            "decoder": DecoderConfig,
+        }
+        kwargs = {}
+        for k, v in d.items():
+            if k in sub:
+                kwargs[k] = sub[k](**{kk: _tupled(vv) for kk, vv in v.items()})
+            else:
+                kwargs[k] = _tupled(v)
+        return cls(**kwargs)
+
+
+def _tupled(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def _preset(name, depth, freeze, in_channels, hidden_dim, dim_feedforward, expansion,
+            num_decoder_layers, eval_idx=-1) -> RTDETRConfig:
+    return RTDETRConfig(
+        name=name,
+        backbone=BackboneConfig(depth=depth, freeze_at=0 if freeze else -1, freeze_norm=freeze),
+        encoder=EncoderConfig(in_channels=in_channels, hidden_dim=hidden_dim,
+                              dim_feedforward=dim_feedforward, expansion=expansion),
+        decoder=DecoderConfig(num_decoder_layers=num_decoder_layers, eval_idx=eval_idx),
+    )
+
+
+PRESETS = {
+    "rtdetr_r18vd": _preset("rtdetr_r18vd", 18, False, (128, 256, 512), 256, 1024, 0.5, 3),
+    "rtdetr_r34vd": _preset("rtdetr_r34vd", 34, False, (128, 256, 512), 256, 1024, 0.5, 4),
+    "rtdetr_r50vd_m": _preset("rtdetr_r50vd_m", 50, True, (512, 1024, 2048), 256, 1024, 0.5, 6,
+                              eval_idx=2),
+    "rtdetr_r50vd": _preset("rtdetr_r50vd", 50, True, (512, 1024, 2048), 256, 1024, 1.0, 6),
+    "rtdetr_r101vd": _preset("rtdetr_r101vd", 101, True, (512, 1024, 2048), 384, 2048, 1.0, 6),
+}
+
+_SECTIONS = ("backbone", "encoder", "decoder")
+
+
+def list_presets() -> list:
+    return list(PRESETS)
+
+
+def get_config(name: str, num_classes: int = 80, **overrides) -> RTDETRConfig:
+    """Return preset ``name`` with ``num_classes`` and ``overrides`` applied.
+
+    An override is a field name (``num_queries=500``), applied to every section that has the
+    field (``hidden_dim`` sets the encoder's and the decoder's), or ``section.field``
+    (``**{"encoder.hidden_dim": 384}``) for one section only. Top-level fields
+    (``eval_spatial_size``, ``num_top_queries``) are accepted too.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    cfg = PRESETS[name]
+    sections = {s: {} for s in _SECTIONS}
+    top = {"num_classes": num_classes}
+    for key, value in overrides.items():
+        value = _tupled(value)
+        if "." in key:
+            section, fname = key.split(".", 1)
+            if section not in sections or fname not in _field_names(getattr(cfg, section)):
+                raise ValueError(f"unknown override {key!r}")
+            sections[section][fname] = value
+            continue
+        hit = False
+        if key in _field_names(cfg) and key not in _SECTIONS and key != "name":
+            top[key] = value
+            hit = True
+        for section in _SECTIONS:
+            if key in _field_names(getattr(cfg, section)):
+                sections[section][key] = value
+                hit = True
+        if not hit:
+            raise ValueError(f"unknown override {key!r} for preset {name!r}")
+    replaced = {s: dataclasses.replace(getattr(cfg, s), **kw) for s, kw in sections.items() if kw}
+    cfg = dataclasses.replace(cfg, **top, **replaced)
+    _validate(cfg)
+    return cfg
+
+
+def _field_names(obj) -> set:
+    return {f.name for f in dataclasses.fields(obj)}
+
+
+def _validate(cfg: RTDETRConfig) -> None:
+    enc, dec, bb = cfg.encoder, cfg.decoder, cfg.backbone
+    if bb.depth not in (18, 34, 50, 101, 152):
+        raise ValueError(f"backbone depth must be one of 18, 34, 50, 101, 152, got {bb.depth}")
+    if enc.hidden_dim % 4:
+        raise ValueError(f"encoder hidden_dim must be a multiple of 4, got {enc.hidden_dim}")
+    if dec.hidden_dim % dec.nhead:
+        raise ValueError(f"decoder hidden_dim {dec.hidden_dim} is not divisible by nhead {dec.nhead}")
+    if enc.hidden_dim % enc.nhead:
+        raise ValueError(f"encoder hidden_dim {enc.hidden_dim} is not divisible by nhead {enc.nhead}")
+    if len(enc.in_channels) != len(bb.return_idx):
+        raise ValueError("encoder in_channels must have one entry per backbone return_idx")
+    if dec.num_levels < len(enc.in_channels):
+        raise ValueError("decoder num_levels must be >= the number of encoder feature maps")
+    if not -dec.num_decoder_layers <= dec.eval_idx < dec.num_decoder_layers:
+        raise ValueError(f"eval_idx {dec.eval_idx} out of range for {dec.num_decoder_layers} layers")
+    if dec.num_queries < 1 or cfg.num_top_queries < 1:
+        raise ValueError("num_queries and num_top_queries must be positive")

@@ -1,0 +1,1 @@
+from .rtdetr import RTDETR  # noqa: F401

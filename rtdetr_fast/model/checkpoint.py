@@ -1,0 +1,218 @@
+"""Loading and saving checkpoints: official RT-DETR ``.pth`` files, Hugging Face transformers
+RT-DETR folders, and our own ``save_pretrained`` folders."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ..config import PRESETS, get_config
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# layers whose shapes depend on the number of classes
+CLASS_KEYS = re.compile(r"^decoder\.(enc_score_head|dec_score_head\.\d+|denoising_class_embed)\.")
+DEPLOYED_KEY = re.compile(r"\.bottlenecks\.\d+\.conv\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+# --------------------------------------------------------------------------------- reading
+def read_official(path: str, map_location="cpu") -> Dict[str, torch.Tensor]:
+    """The model state dict of an official ``.pth``: ``ckpt["ema"]["module"]``, else
+    ``ckpt["model"]``, else the file itself when it is a plain state dict."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path!r} holds a {type(ckpt).__name__}, not a dict")
+    if isinstance(ckpt.get("ema"), dict) and isinstance(ckpt["ema"].get("module"), dict):
+        sd = ckpt["ema"]["module"]
+    elif isinstance(ckpt.get("model"), dict):
+        sd = ckpt["model"]
+    elif ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        sd = ckpt
+    else:
+        raise CheckpointError(f"checkpoint {path!r} has no model weights: expected "
+                              f"ckpt['ema']['module'] or ckpt['model'], found keys "
+                              f"{sorted(ckpt)[:10]}")
+    # checkpoints saved from DistributedDataParallel prefix every key
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def _read_folder(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    weights = os.path.join(path, WEIGHTS_NAME)
+    for p in (cfg_path, weights):
+        if not os.path.isfile(p):
+            raise CheckpointError(f"{path!r} is not a checkpoint folder: {os.path.basename(p)} "
+                                  "is missing")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        from safetensors.torch import load_file
+
+        sd = load_file(weights)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint folder {path!r}: {type(exc).__name__}: "
+                              f"{exc}") from exc
+    return sd, cfg
+
+
+# --------------------------------------------------------------------------------- inference
+def infer_preset(sd: Dict[str, torch.Tensor]) -> Tuple[str, int, dict]:
+    """(preset name, num_classes, overrides) of an official-layout state dict."""
+    try:
+        num_classes = sd["decoder.enc_score_head.weight"].shape[0]
+        hidden = sd["encoder.input_proj.0.0.weight"].shape[0]
+    except KeyError as exc:
+        raise CheckpointError(f"not an RT-DETR state dict: key {exc.args[0]!r} is missing") from exc
+    stages = {}
+    for k in sd:
+        m = re.match(r"backbone\.res_layers\.(\d+)\.blocks\.(\d+)\.", k)
+        if m:
+            i, j = int(m.group(1)), int(m.group(2))
+            stages[i] = max(stages.get(i, 0), j + 1)
+    counts = tuple(stages[i] for i in sorted(stages))
+    bottleneck = any(".branch2c." in k for k in sd)
+    depth = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
+             ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}.get((counts, bottleneck))
+    if depth is None:
+        raise CheckpointError(f"unrecognised backbone: blocks per stage {counts}, "
+                              f"{'bottleneck' if bottleneck else 'basic'} blocks")
+    fpn_hidden = _first_shape(sd, "encoder.fpn_blocks.0.conv1.conv.weight", 0)
+    expansion = fpn_hidden / hidden if fpn_hidden else 1.0
+    n_dec = len({k.split(".")[2] for k in sd if k.startswith("decoder.dec_score_head.")})
+    candidates = [n for n, c in PRESETS.items() if c.backbone.depth == depth] or ["rtdetr_r50vd"]
+    name = min(candidates, key=lambda n: abs(PRESETS[n].encoder.expansion - expansion))
+    preset = PRESETS[name]
+    overrides = {}
+    if depth != preset.backbone.depth:
+        overrides["backbone.depth"] = depth
+    derived = {
+        "encoder.hidden_dim": hidden,
+        "encoder.expansion": expansion,
+        "encoder.dim_feedforward": _first_shape(sd, "encoder.encoder.0.layers.0.linear1.weight", 0),
+        "decoder.hidden_dim": _first_shape(sd, "decoder.enc_output.0.weight", 0),
+        "decoder.dim_feedforward": _first_shape(sd, "decoder.decoder.layers.0.linear1.weight", 0),
+        "decoder.num_decoder_layers": n_dec,
+        "decoder.num_denoising": (preset.decoder.num_denoising
+                                  if "decoder.denoising_class_embed.weight" in sd else 0),
+        "decoder.learnt_init_query": "decoder.tgt_embed.weight" in sd,
+    }
+    if "decoder.tgt_embed.weight" in sd:
+        derived["decoder.num_queries"] = sd["decoder.tgt_embed.weight"].shape[0]
+    for key, value in derived.items():
+        section, field = key.split(".")
+        if value is not None and getattr(getattr(preset, section), field) != value:
+            overrides[key] = value
+    if "decoder.num_decoder_layers" in overrides:
+        overrides["decoder.eval_idx"] = -1
+    return name, num_classes, overrides
+
+
+def _first_shape(sd, key, dim):
+    return sd[key].shape[dim] if key in sd else None
+
+
+# --------------------------------------------------------------------------------- loading
+def load_state_dict_strict(model: torch.nn.Module, sd: Dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with one clear error listing missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    sd = dict(sd)
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mis = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+           for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mis:
+        def show(title, items):
+            if not items:
+                return ""
+            more = f" ... and {len(items) - 10} more" if len(items) > 10 else ""
+            return f"\n  {title} ({len(items)}): " + ", ".join(items[:10]) + more
+
+        raise CheckpointError(f"checkpoint {source} does not fit {model.config.name} "
+                              f"(num_classes={model.config.num_classes})"
+                              + show("missing keys", missing) + show("unexpected keys", unexpected)
+                              + show("shape mismatches", mis))
+    model.load_state_dict(sd, strict=True)
+
+
+def load_pretrained(cls, path, num_classes: Optional[int] = None, name: Optional[str] = None,
+                    map_location="cpu", **overrides):
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    cfg_json = None
+    if os.path.isdir(path):
+        sd, cfg_json = _read_folder(path)
+        if cfg_json.get("model_type") == "rt_detr":
+            from .hf_mapping import hf_to_official, preset_from_hf_config
+
+            sd = hf_to_official(sd)
+            inferred = preset_from_hf_config(cfg_json)
+            cfg_json = None
+        elif "rtdetr_fast" in cfg_json:
+            inferred = None
+        else:
+            raise CheckpointError(f"{path!r}: config.json is neither a transformers RT-DETR "
+                                  "config (model_type 'rt_detr') nor an rtdetr_fast one")
+    else:
+        sd = read_official(path, map_location)
+        inferred = None
+    if cfg_json is not None:
+        from ..config import RTDETRConfig
+
+        config = RTDETRConfig.from_dict(cfg_json["rtdetr_fast"])
+        if overrides or name:
+            config = get_config(name or config.name, config.num_classes,
+                                **{**_flatten(config), **overrides})
+    else:
+        inferred_name, ckpt_classes, ckpt_overrides = inferred or infer_preset(sd)
+        if name is not None and name != inferred_name:
+            raise CheckpointError(f"{path!r} holds a {inferred_name} checkpoint, not {name}")
+        config = get_config(inferred_name, ckpt_classes, **{**ckpt_overrides, **overrides})
+    model = cls(config)
+    if any(DEPLOYED_KEY.search(k) for k in sd):
+        model.deploy()
+    load_state_dict_strict(model, sd, repr(path))
+    if num_classes is not None and num_classes != config.num_classes:
+        model.decoder.reset_class_heads(num_classes)
+        model.config = dataclasses.replace(model.config, num_classes=num_classes)
+    return model
+
+
+def _flatten(config) -> dict:
+    out = {}
+    for section in ("backbone", "encoder", "decoder"):
+        for k, v in dataclasses.asdict(getattr(config, section)).items():
+            out[f"{section}.{k}"] = v
+    out["eval_spatial_size"] = config.eval_spatial_size
+    out["num_top_queries"] = config.num_top_queries
+    return out
+
+
+def save_pretrained(model, directory) -> None:
+    """``config.json`` (our config) + ``model.safetensors`` (official key layout), each written
+    to a temporary file and renamed, so an interrupted save leaves no half-written file."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    cfg = {"rtdetr_fast": dataclasses.asdict(model.config), "deployed": model.deployed}
+    tmp_cfg = os.path.join(directory, CONFIG_NAME + ".tmp")
+    with open(tmp_cfg, "w") as f:
+        json.dump(cfg, f, indent=2)
+    tmp_w = os.path.join(directory, WEIGHTS_NAME + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp_w)
+    os.replace(tmp_w, os.path.join(directory, WEIGHTS_NAME))
+    os.replace(tmp_cfg, os.path.join(directory, CONFIG_NAME))

@@ -1,0 +1,324 @@
+"""RT-DETR decoder: input projection, anchors, encoder heads, top-K query selection, deformable
+decoder layers with iterative box refinement, per-layer heads."""
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn import init
+
+from .. import ops
+from ..config import DecoderConfig
+from .common import MLP, bias_init_with_prob, get_activation, inverse_sigmoid
+
+
+class MSDeformableAttention(nn.Module):
+    """Multi-scale deformable attention with box reference points (cx, cy, w, h)."""
+
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4,
+                 num_points: int = 4):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.num_levels, self.num_points = num_levels, num_points
+        self.total_points = num_heads * num_levels * num_points
+        self.head_dim = embed_dim // num_heads
+        self.sampling_offsets = nn.Linear(embed_dim, self.total_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, self.total_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        init.constant_(self.sampling_offsets.weight, 0)
+        # initial offsets fan out from the reference point: one direction per head, growing
+        # with the point index
+        thetas = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True).values
+        grid = grid.reshape(self.num_heads, 1, 1, 2).tile([1, self.num_levels, self.num_points, 1])
+        grid *= torch.arange(1, self.num_points + 1, dtype=torch.float32).reshape(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        init.constant_(self.attention_weights.weight, 0)
+        init.constant_(self.attention_weights.bias, 0)
+        init.xavier_uniform_(self.value_proj.weight)
+        init.constant_(self.value_proj.bias, 0)
+        init.xavier_uniform_(self.output_proj.weight)
+        init.constant_(self.output_proj.bias, 0)
+
+    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, value: torch.Tensor,
+                spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> torch.Tensor:
+        """query [B,Q,C]; reference_points [B,Q,1,4] (cx, cy, w, h in [0,1]); value [B,S,C]."""
+        B, Q = query.shape[:2]
+        H, L, P = self.num_heads, self.num_levels, self.num_points
+        value = self.value_proj(value).reshape(B, value.shape[1], H, self.head_dim)
+        offsets = self.sampling_offsets(query).reshape(B, Q, H, L, P, 2)
+        weights = self.attention_weights(query).reshape(B, Q, H, L * P)
+        weights = F.softmax(weights, dim=-1).reshape(B, Q, H, L, P)
+        if reference_points.shape[-1] == 2:
+            normalizer = spatial_shapes.flip([1]).reshape(1, 1, 1, L, 1, 2).to(offsets.dtype)
+            locations = (reference_points.reshape(B, Q, 1, L, 1, 2) + offsets / normalizer)
+        elif reference_points.shape[-1] == 4:
+            # offsets are in units of the box's half size, spread over the points
+            locations = (reference_points[:, :, None, :, None, :2]
+                         + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
+        else:
+            raise ValueError(f"reference_points must end in 2 or 4, got {reference_points.shape}")
+        out = ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+        return self.output_proj(out)
+
+
+class TransformerDecoderLayer(nn.Module):
+    def __init__(self, d_model: int = 256, n_head: int = 8, dim_feedforward: int = 1024,
+                 dropout: float = 0.0, activation: str = "relu", n_levels: int = 4,
+                 n_points: int = 4):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, n_head, dropout=dropout, batch_first=True)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.cross_attn = MSDeformableAttention(d_model, n_head, n_levels, n_points)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.activation = get_activation(activation)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt, reference_points, memory, spatial_shapes, level_start_index,
+                attn_mask=None, query_pos_embed=None):
+        q = k = tgt + query_pos_embed
+        attn, _ = self.self_attn(q, k, value=tgt, attn_mask=attn_mask, need_weights=False)
+        tgt = self.norm1(tgt + self.dropout1(attn))
+        cross = self.cross_attn(tgt + query_pos_embed, reference_points, memory, spatial_shapes,
+                                level_start_index)
+        tgt = self.norm2(tgt + self.dropout2(cross))
+        ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(ffn))
+
+
+class TransformerDecoder(nn.Module):
+    def __init__(self, layer: nn.Module, num_layers: int, eval_idx: int = -1):
+        super().__init__()
+        self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
+        self.num_layers = num_layers
+        self.eval_idx = eval_idx if eval_idx >= 0 else num_layers + eval_idx
+
+    def forward(self, tgt, ref_points_unact, memory, spatial_shapes, level_start_index,
+                bbox_head, score_head, query_pos_head, attn_mask=None):
+        output = tgt
+        out_boxes, out_logits = [], []
+        ref_detach = torch.sigmoid(ref_points_unact)
+        ref_points = ref_detach
+        for i, layer in enumerate(self.layers):
+            query_pos = query_pos_head(ref_detach)
+            output = layer(output, ref_detach.unsqueeze(2), memory, spatial_shapes,
+                           level_start_index, attn_mask, query_pos)
+            inter_ref = torch.sigmoid(bbox_head[i](output) + inverse_sigmoid(ref_detach))
+            if self.training:
+                out_logits.append(score_head[i](output))
+                if i == 0:
+                    out_boxes.append(inter_ref)
+                else:
+                    # the box loss of layer i reaches layer i-1 through the undetached reference
+                    out_boxes.append(torch.sigmoid(bbox_head[i](output)
+                                                   + inverse_sigmoid(ref_points)))
+            elif i == self.eval_idx:
+                out_logits.append(score_head[i](output))
+                out_boxes.append(inter_ref)
+                break
+            ref_points = inter_ref
+            ref_detach = inter_ref.detach() if self.training else inter_ref
+        return torch.stack(out_boxes), torch.stack(out_logits)
+
+
+class RTDETRDecoder(nn.Module):
+    """The official ``RTDETRTransformer`` (v1), parameter for parameter."""
+
+    def __init__(self, cfg: DecoderConfig, num_classes: int, feat_channels: List[int],
+                 feat_strides: List[int], eval_spatial_size: Optional[Tuple[int, int]] = None):
+        super().__init__()
+        if len(feat_channels) > cfg.num_levels:
+            raise ValueError("num_levels must be >= the number of feature maps")
+        self.cfg = cfg
+        self.hidden_dim = cfg.hidden_dim
+        self.nhead = cfg.nhead
+        self.feat_strides = list(feat_strides)
+        for _ in range(cfg.num_levels - len(feat_strides)):
+            self.feat_strides.append(self.feat_strides[-1] * 2)
+        self.num_levels = cfg.num_levels
+        self.num_classes = num_classes
+        self.num_queries = cfg.num_queries
+        self.eps = cfg.eps
+        self.num_decoder_layers = cfg.num_decoder_layers
+        self.eval_spatial_size = eval_spatial_size
+        self.aux_loss = cfg.aux_loss
+        self.num_denoising = cfg.num_denoising
+        self.label_noise_ratio = cfg.label_noise_ratio
+        self.box_noise_scale = cfg.box_noise_scale
+
+        self._build_input_proj_layer(list(feat_channels))
+        layer = TransformerDecoderLayer(cfg.hidden_dim, cfg.nhead, cfg.dim_feedforward, cfg.dropout,
+                                        cfg.activation, cfg.num_levels, cfg.num_points)
+        self.decoder = TransformerDecoder(layer, cfg.num_decoder_layers, cfg.eval_idx)
+        if cfg.num_denoising > 0:
+            self.denoising_class_embed = nn.Embedding(num_classes + 1, cfg.hidden_dim,
+                                                      padding_idx=num_classes)
+        self.learnt_init_query = cfg.learnt_init_query
+        if cfg.learnt_init_query:
+            self.tgt_embed = nn.Embedding(cfg.num_queries, cfg.hidden_dim)
+        self.query_pos_head = MLP(4, 2 * cfg.hidden_dim, cfg.hidden_dim, num_layers=2)
+        self.enc_output = nn.Sequential(nn.Linear(cfg.hidden_dim, cfg.hidden_dim),
+                                        nn.LayerNorm(cfg.hidden_dim))
+        self.enc_score_head = nn.Linear(cfg.hidden_dim, num_classes)
+        self.enc_bbox_head = MLP(cfg.hidden_dim, cfg.hidden_dim, 4, num_layers=3)
+        self.dec_score_head = nn.ModuleList(nn.Linear(cfg.hidden_dim, num_classes)
+                                            for _ in range(cfg.num_decoder_layers))
+        self.dec_bbox_head = nn.ModuleList(MLP(cfg.hidden_dim, cfg.hidden_dim, 4, num_layers=3)
+                                           for _ in range(cfg.num_decoder_layers))
+        # anchors by spatial shapes; made on first use (the eval size's stays cached)
+        self._anchor_cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        bias = bias_init_with_prob(0.01)
+        init.constant_(self.enc_score_head.bias, bias)
+        init.constant_(self.enc_bbox_head.layers[-1].weight, 0)
+        init.constant_(self.enc_bbox_head.layers[-1].bias, 0)
+        for cls_, reg_ in zip(self.dec_score_head, self.dec_bbox_head):
+            init.constant_(cls_.bias, bias)
+            init.constant_(reg_.layers[-1].weight, 0)
+            init.constant_(reg_.layers[-1].bias, 0)
+        init.xavier_uniform_(self.enc_output[0].weight)
+        if self.learnt_init_query:
+            init.xavier_uniform_(self.tgt_embed.weight)
+        init.xavier_uniform_(self.query_pos_head.layers[0].weight)
+        init.xavier_uniform_(self.query_pos_head.layers[1].weight)
+
+    def reset_class_heads(self, num_classes: int) -> None:
+        """Re-initialise every class-dependent layer for ``num_classes`` (fine-tuning)."""
+        ref = self.enc_score_head.weight
+        kw = dict(device=ref.device, dtype=ref.dtype)
+        bias = bias_init_with_prob(0.01)
+        self.num_classes = num_classes
+        self.enc_score_head = nn.Linear(self.hidden_dim, num_classes, **kw)
+        init.constant_(self.enc_score_head.bias, bias)
+        self.dec_score_head = nn.ModuleList(nn.Linear(self.hidden_dim, num_classes, **kw)
+                                            for _ in range(self.num_decoder_layers))
+        for cls_ in self.dec_score_head:
+            init.constant_(cls_.bias, bias)
+        if self.num_denoising > 0:
+            self.denoising_class_embed = nn.Embedding(num_classes + 1, self.hidden_dim,
+                                                      padding_idx=num_classes, **kw)
+
+    def _build_input_proj_layer(self, feat_channels: List[int]):
+        self.input_proj = nn.ModuleList()
+        for c in feat_channels:
+            self.input_proj.append(nn.Sequential(OrderedDict([
+                ("conv", nn.Conv2d(c, self.hidden_dim, 1, bias=False)),
+                ("norm", nn.BatchNorm2d(self.hidden_dim))])))
+        c = feat_channels[-1]
+        for _ in range(self.num_levels - len(feat_channels)):
+            self.input_proj.append(nn.Sequential(OrderedDict([
+                ("conv", nn.Conv2d(c, self.hidden_dim, 3, 2, padding=1, bias=False)),
+                ("norm", nn.BatchNorm2d(self.hidden_dim))])))
+            c = self.hidden_dim
+
+    def _get_encoder_input(self, feats: List[torch.Tensor]):
+        proj = [self.input_proj[i](f) for i, f in enumerate(feats)]
+        for i in range(len(proj), self.num_levels):
+            proj.append(self.input_proj[i](feats[-1] if i == len(feats) else proj[-1]))
+        shapes = [tuple(p.shape[2:]) for p in proj]
+        flat = torch.cat([p.flatten(2).permute(0, 2, 1) for p in proj], dim=1)
+        starts, total = [], 0
+        for h, w in shapes:
+            starts.append(total)
+            total += h * w
+        device = flat.device
+        spatial_shapes = torch.tensor(shapes, dtype=torch.int64, device=device)
+        level_start_index = torch.tensor(starts, dtype=torch.int64, device=device)
+        return flat, shapes, spatial_shapes, level_start_index
+
+    def generate_anchors(self, shapes, grid_size: float = 0.05, dtype=torch.float32,
+                         device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
+        """Unactivated anchors [1,S,4] (inf where invalid) and the valid mask [1,S,1]."""
+        anchors = []
+        for lvl, (h, w) in enumerate(shapes):
+            gy, gx = torch.meshgrid(torch.arange(h, dtype=dtype), torch.arange(w, dtype=dtype),
+                                    indexing="ij")
+            xy = (torch.stack([gx, gy], -1).unsqueeze(0) + 0.5) / torch.tensor([w, h], dtype=dtype)
+            wh = torch.ones_like(xy) * grid_size * (2.0 ** lvl)
+            anchors.append(torch.cat([xy, wh], -1).reshape(-1, h * w, 4))
+        anchors = torch.cat(anchors, 1)
+        valid = ((anchors > self.eps) * (anchors < 1 - self.eps)).all(-1, keepdim=True)
+        anchors = torch.log(anchors / (1 - anchors))
+        anchors = torch.where(valid, anchors, torch.inf)
+        return anchors.to(device), valid.to(device)
+
+    def anchors_for(self, shapes, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        key = tuple(shapes)
+        hit = self._anchor_cache.get(key)
+        if hit is None or hit[0].device != torch.device(device):
+            hit = self.generate_anchors(shapes, device=device)
+            if len(self._anchor_cache) >= 8:
+                self._anchor_cache.clear()
+            self._anchor_cache[key] = hit
+        return hit
+
+    def _get_decoder_input(self, memory, shapes, denoising_class=None, denoising_bbox_unact=None):
+        B = memory.shape[0]
+        anchors, valid = self.anchors_for(shapes, memory.device)
+        memory = valid.to(memory.dtype) * memory
+        output_memory = self.enc_output(memory)
+        enc_class = self.enc_score_head(output_memory)
+        enc_coord_unact = self.enc_bbox_head(output_memory) + anchors
+        targets = [enc_coord_unact, enc_class]
+        if not self.learnt_init_query:
+            targets.append(output_memory.detach())
+        _, _, gathered = ops.topk_select(enc_class, self.num_queries, targets)
+        ref_unact, enc_topk_logits = gathered[0], gathered[1]
+        enc_topk_bboxes = torch.sigmoid(ref_unact)
+        if denoising_bbox_unact is not None:
+            ref_unact = torch.cat([denoising_bbox_unact, ref_unact], 1)
+        if self.learnt_init_query:
+            target = self.tgt_embed.weight.unsqueeze(0).tile([B, 1, 1])
+        else:
+            target = gathered[2]
+        if denoising_class is not None:
+            target = torch.cat([denoising_class, target], 1)
+        return target, ref_unact.detach(), enc_topk_bboxes, enc_topk_logits
+
+    def forward(self, feats: List[torch.Tensor], denoising=None) -> Dict:
+        """``denoising``: (class embeddings, unactivated boxes, attention mask, meta) or None."""
+        memory, shapes, spatial_shapes, level_start_index = self._get_encoder_input(feats)
+        if denoising is not None:
+            dn_class, dn_bbox_unact, attn_mask, dn_meta = denoising
+        else:
+            dn_class = dn_bbox_unact = attn_mask = dn_meta = None
+        target, ref_unact, enc_topk_bboxes, enc_topk_logits = self._get_decoder_input(
+            memory, shapes, dn_class, dn_bbox_unact)
+        out_bboxes, out_logits = self.decoder(target, ref_unact, memory, spatial_shapes,
+                                              level_start_index, self.dec_bbox_head,
+                                              self.dec_score_head, self.query_pos_head,
+                                              attn_mask=attn_mask)
+        if self.training and dn_meta is not None:
+            dn_out_bboxes, out_bboxes = torch.split(out_bboxes, dn_meta["dn_num_split"], dim=2)
+            dn_out_logits, out_logits = torch.split(out_logits, dn_meta["dn_num_split"], dim=2)
+        out = {"pred_logits": out_logits[-1], "pred_boxes": out_bboxes[-1]}
+        if self.training and self.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
+                                  for a, b in zip(out_logits[:-1], out_bboxes[:-1])]
+            out["enc_outputs"] = {"pred_logits": enc_topk_logits, "pred_boxes": enc_topk_bboxes}
+            if dn_meta is not None:
+                out["dn_aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
+                                         for a, b in zip(dn_out_logits, dn_out_bboxes)]
+                out["dn_meta"] = dn_meta
+        return out

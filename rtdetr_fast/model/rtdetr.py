@@ -1,0 +1,172 @@
+"""RTDETR: backbone -> hybrid encoder -> decoder, with the post-processor and user-facing API."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import RTDETRConfig, get_config
+from .backbone import PResNet
+from .decoder import RTDETRDecoder
+from .encoder import HybridEncoder, RepVggBlock
+from .postprocess import PostProcessor
+
+ImageLike = Union[torch.Tensor, np.ndarray, "PIL.Image.Image", str, os.PathLike]  # noqa: F821
+
+
+class RTDETR(nn.Module):
+    """RT-DETR detector with the official state-dict layout.
+
+    ``model(images)`` takes float images [B,3,H,W] in [0,1], RGB, without mean/std
+    normalisation, and returns ``pred_logits`` [B,Q,C] and ``pred_boxes`` [B,Q,4] (cxcywh,
+    normalised to the input). Any H and W work; multiples of 32 match the official model's
+    feature-map sizes exactly.
+    """
+
+    def __init__(self, config: RTDETRConfig):
+        super().__init__()
+        self.config = config
+        enc = config.encoder
+        # attribute order matches the official model (backbone, decoder, encoder) so that the
+        # state dict lists keys in the released checkpoints' order
+        self.backbone = PResNet(config.backbone)
+        if list(self.backbone.out_channels) != list(enc.in_channels):
+            raise ValueError(f"encoder in_channels {list(enc.in_channels)} do not match the "
+                             f"backbone's outputs {self.backbone.out_channels}")
+        self.decoder = RTDETRDecoder(config.decoder, config.num_classes,
+                                     [enc.hidden_dim] * len(enc.in_channels), list(enc.feat_strides),
+                                     config.eval_spatial_size)
+        self.encoder = HybridEncoder(enc, config.eval_spatial_size)
+        self.postprocessor = PostProcessor(config.num_top_queries)
+
+    # ----------------------------------------------------------------------------- builders
+    @classmethod
+    def from_config(cls, config: RTDETRConfig) -> "RTDETR":
+        return cls(config)
+
+    @classmethod
+    def from_name(cls, name: str, num_classes: int = 80, **overrides: Any) -> "RTDETR":
+        """A randomly initialised preset (``rtdetr_r18vd`` ... ``rtdetr_r101vd``); no download.
+        Every config field is an override, e.g. ``num_queries=500``."""
+        return cls(get_config(name, num_classes, **overrides))
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike], num_classes: Optional[int] = None,
+                        name: Optional[str] = None, map_location="cpu", **overrides: Any
+                        ) -> "RTDETR":
+        """Load an official RT-DETR ``.pth`` (``ckpt["ema"]["module"]``, else ``ckpt["model"]``),
+        a Hugging Face transformers RT-DETR folder (config.json + model.safetensors), or a folder
+        written by :meth:`save_pretrained`. The preset and class count are inferred; ``name``
+        asserts the preset. ``num_classes`` different from the checkpoint's re-initialises the
+        class heads only (fine-tuning)."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, num_classes=num_classes, name=name,
+                               map_location=map_location, **overrides)
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (official key layout)."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def deployed(self) -> bool:
+        return any(m.deployed for m in self.modules() if isinstance(m, RepVggBlock))
+
+    # ----------------------------------------------------------------------------- forward
+    @staticmethod
+    def _check_images(images: Any) -> None:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a float tensor [B, 3, H, W]; got {type(images).__name__}"
+                            " (use model.predict for PIL images, arrays or paths)")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W] (RGB), got "
+                             f"[{', '.join(map(str, images.shape))}]")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floating point in [0, 1], got {images.dtype}")
+        if images.shape[2] < 32 or images.shape[3] < 32:
+            raise ValueError(f"images must be at least 32x32, got {tuple(images.shape[2:])}")
+
+    def forward(self, images: torch.Tensor, targets: Optional[List[Dict]] = None) -> Dict:
+        self._check_images(images)
+        if targets is not None:
+            raise NotImplementedError("training with targets (the RT-DETR loss) is not "
+                                      "implemented in this version of rtdetr_fast")
+        feats = self.backbone(images)
+        feats = self.encoder(feats)
+        return self.decoder(feats)
+
+    # ----------------------------------------------------------------------------- inference
+    @torch.no_grad()
+    def postprocess(self, outputs: Dict, image_sizes: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+        """Top-K detections per image; ``image_sizes`` [B,2] as (H, W) in pixels."""
+        return self.postprocessor(outputs, image_sizes)
+
+    @torch.no_grad()
+    def predict(self, images: Union[ImageLike, Sequence[ImageLike]], threshold: float = 0.5,
+                size: Optional[Sequence[int]] = None) -> List[Dict[str, torch.Tensor]]:
+        """Detect objects in one image or a list of images.
+
+        Accepts tensors ([3,H,W] or [B,3,H,W], float in [0,1] or uint8), numpy arrays (HWC,
+        uint8 or float in [0,1]), PIL images and file paths, mixed and of different sizes. Each
+        image is resized to ``size`` (default: the config's eval size), run in eval mode, and
+        its boxes mapped back to its own pixels. Returns per image a dict with ``boxes`` [N,4]
+        (xyxy, original pixels), ``scores`` [N] and ``labels`` [N] for scores >= threshold.
+        """
+        from ..data.images import to_tensor_list
+
+        tensors = to_tensor_list(images)
+        size = tuple(size) if size is not None else tuple(self.config.eval_spatial_size)
+        if len(size) != 2:
+            raise ValueError(f"size must be (H, W), got {size}")
+        param = next(self.parameters())
+        batch = torch.stack([
+            F.interpolate(t[None].to(param.device, torch.float32), size=size, mode="bilinear",
+                          align_corners=False, antialias=True)[0]
+            for t in tensors]).to(param.dtype)
+        sizes = torch.tensor([t.shape[-2:] for t in tensors], device=param.device)
+        was_training = self.training
+        self.eval()
+        try:
+            outputs = self(batch)
+        finally:
+            self.train(was_training)
+        results = []
+        for det in self.postprocess(outputs, sizes):
+            keep = det["scores"] >= threshold
+            results.append({k: v[keep] for k, v in det.items()})
+        return results
+
+    # ----------------------------------------------------------------------------- speed-ups
+    def deploy(self) -> "RTDETR":
+        """Fold every RepVggBlock into a single 3x3 conv with bias (eval mode). Idempotent.
+
+        The deployed state dict holds ``...bottlenecks.N.conv.weight`` / ``.bias`` in place of
+        ``...bottlenecks.N.conv1.*`` and ``conv2.*``; load it into a deployed model."""
+        self.eval()
+        for m in self.modules():
+            if isinstance(m, RepVggBlock):
+                m.fold()
+        return self
+
+    def set_eval_layers(self, k: int) -> "RTDETR":
+        """Use the first ``k`` decoder layers at inference (the paper's speed/accuracy knob,
+        Table 5), without retraining."""
+        n = self.decoder.num_decoder_layers
+        if not isinstance(k, int) or not 1 <= k <= n:
+            raise ValueError(f"k must be an int in [1, {n}], got {k!r}")
+        self.decoder.decoder.eval_idx = k - 1
+        dec = dataclasses.replace(self.config.decoder, eval_idx=k - 1)
+        self.config = dataclasses.replace(self.config, decoder=dec)
+        return self

@@ -1,0 +1,187 @@
+"""Stateless hot operations of RT-DETR, each with a pure-PyTorch reference.
+
+Model code calls only these functions; which implementation runs is decided in
+:mod:`rtdetr_fast.ops._backend` (``with ops.backend("reference"): ...`` or
+``RTDETR_FAST_BACKEND=reference``). Inputs are validated here, once, in the words of the
+dimension glossary: B batch, Q queries, H heads, L levels, P points, D channels per head,
+S = sum of H_l*W_l, C classes, N anchors, K selected.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _backend
+from ._backend import available_backends, backend, register
+from .ms_deform_attn import ms_deform_attn_reference
+from .rep_conv import ACTIVATIONS, rep_conv_reference
+from .topk_select import topk_detections_reference, topk_select_reference
+
+__all__ = [
+    "ms_deform_attn",
+    "topk_select",
+    "topk_detections",
+    "rep_conv",
+    "backend",
+    "available_backends",
+]
+
+
+def _always(device_type: str) -> bool:
+    return True
+
+
+register("ms_deform_attn", "reference", _always)(ms_deform_attn_reference)
+register("topk_select", "reference", _always)(topk_select_reference)
+register("topk_detections", "reference", _always)(topk_detections_reference)
+register("rep_conv", "reference", _always)(rep_conv_reference)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                          attention_weights) -> None:
+    named = dict(value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
+                 sampling_locations=sampling_locations, attention_weights=attention_weights)
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if value.dim() != 4:
+        raise ValueError(f"value must be [B, S, H, D], got {_shape(value)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(f"sampling_locations must be [B, Q, H, L, P, 2], got "
+                         f"{_shape(sampling_locations)}")
+    if attention_weights.dim() != 5:
+        raise ValueError(f"attention_weights must be [B, Q, H, L, P], got "
+                         f"{_shape(attention_weights)}")
+    B, S, H, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    if sampling_locations.shape[:5] != (B, Q, H, L, P) or sampling_locations.shape[0] != B:
+        raise ValueError(f"sampling_locations must be [B, Q, H, L, P, 2] with B={B}, H={H} from "
+                         f"value, got {_shape(sampling_locations)}")
+    if tuple(attention_weights.shape) != (B, Q, H, L, P):
+        raise ValueError(f"attention_weights must be [B, Q, H, L, P] = [{B}, {Q}, {H}, {L}, {P}], "
+                         f"got {_shape(attention_weights)}")
+    if spatial_shapes.dim() != 2 or tuple(spatial_shapes.shape) != (L, 2):
+        raise ValueError(f"spatial_shapes must be [L, 2] = [{L}, 2], got {_shape(spatial_shapes)}")
+    if tuple(level_start_index.shape) != (L,):
+        raise ValueError(f"level_start_index must be [L] = [{L}], got {_shape(level_start_index)}")
+    for name in ("spatial_shapes", "level_start_index"):
+        t = named[name]
+        if t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be an integer tensor (int64), got {t.dtype}")
+    if not value.is_floating_point():
+        raise TypeError(f"value must be floating point, got {value.dtype}")
+    for name in ("sampling_locations", "attention_weights"):
+        if named[name].dtype != value.dtype:
+            raise TypeError(f"{name} dtype {named[name].dtype} differs from value dtype "
+                            f"{value.dtype}")
+    for name in ("sampling_locations", "attention_weights"):
+        if named[name].device != value.device:
+            raise ValueError(f"{name} is on {named[name].device}, value on {value.device}")
+    # shapes and starts are read on the host; they are small and usually live there already
+    if not _is_compiling():
+        shapes = spatial_shapes.tolist()
+        starts = level_start_index.tolist()
+        expect, total = [], 0
+        for h, w in shapes:
+            if h < 1 or w < 1:
+                raise ValueError(f"spatial_shapes entries must be positive, got {shapes}")
+            expect.append(total)
+            total += h * w
+        if total != S:
+            raise ValueError(f"sum of H_l*W_l over spatial_shapes is {total}, but value has "
+                             f"S={S}")
+        if starts != expect:
+            raise ValueError(f"level_start_index must be {expect} for spatial_shapes {shapes}, "
+                             f"got {starts}")
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - older torch
+        return False
+
+
+def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                   level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                   attention_weights: torch.Tensor) -> torch.Tensor:
+    """Multi-scale deformable attention.
+
+    value [B,S,H,D]; spatial_shapes int64 [L,2] as (H_l, W_l); level_start_index int64 [L];
+    sampling_locations [B,Q,H,L,P,2] normalised (x, y) (outside [0,1] samples zeros);
+    attention_weights [B,Q,H,L,P] -> [B,Q,H*D]. Bilinear, align_corners=False, zero padding.
+    """
+    _check_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                          attention_weights)
+    fn = _backend.select("ms_deform_attn", value.device.type)
+    return fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def topk_select(logits: torch.Tensor, k: int, tensors: Sequence[torch.Tensor] = ()
+                ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    """Top-K query selection.
+
+    logits [B,N,C]; each of ``tensors`` [B,N,*]. Returns (scores [B,K], the max over C sorted
+    descending; indices [B,K] int64; [t gathered at the indices, [B,K,*]]). Equal scores are
+    ordered by the lower index; NaN ranks below every real score. Gradients flow to ``tensors``
+    and to the scores.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(f"logits must be [B, N, C], got "
+                         f"{_shape(logits) if isinstance(logits, torch.Tensor) else type(logits)}")
+    B, N, _ = logits.shape
+    if not isinstance(k, int) or not 1 <= k <= N:
+        raise ValueError(f"k must be an int in [1, N={N}], got {k!r}")
+    for i, t in enumerate(tensors):
+        if t.dim() < 2 or t.shape[:2] != (B, N):
+            raise ValueError(f"tensors[{i}] must be [B, N, ...] = [{B}, {N}, ...], got {_shape(t)}")
+        if t.device != logits.device:
+            raise ValueError(f"tensors[{i}] is on {t.device}, logits on {logits.device}")
+    fn = _backend.select("topk_select", logits.device.type)
+    return fn(logits, k, list(tensors))
+
+
+def topk_detections(logits: torch.Tensor, boxes: torch.Tensor, image_sizes: torch.Tensor,
+                    k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Detection post-processing: top-K (query, class) pairs by sigmoid score.
+
+    logits [B,Q,C]; boxes [B,Q,4] cxcywh normalised; image_sizes [B,2] as (H, W) in pixels.
+    Returns scores [B,K], labels [B,K] int64, boxes [B,K,4] xyxy in pixels.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, Q, C], got {_shape(logits)}")
+    B, Q, C = logits.shape
+    if tuple(boxes.shape) != (B, Q, 4):
+        raise ValueError(f"boxes must be [B, Q, 4] = [{B}, {Q}, 4], got {_shape(boxes)}")
+    if tuple(image_sizes.shape) != (B, 2):
+        raise ValueError(f"image_sizes must be [B, 2] = [{B}, 2] as (H, W), got "
+                         f"{_shape(image_sizes)}")
+    if not isinstance(k, int) or not 1 <= k <= Q * C:
+        raise ValueError(f"k must be an int in [1, Q*C={Q * C}], got {k!r}")
+    fn = _backend.select("topk_detections", logits.device.type)
+    return fn(logits, boxes, image_sizes, k)
+
+
+def rep_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             activation: str = "silu") -> torch.Tensor:
+    """Folded RepConv: act(conv3x3(x, weight, stride 1, padding 1) + bias).
+
+    x [B,C_in,H,W] (channels_last is the kernels' layout); weight [C_out,C_in,3,3]; bias [C_out].
+    activation is one of 'silu', 'relu', 'identity'.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be [B, C_in, H, W], got {_shape(x)}")
+    if weight.dim() != 4 or weight.shape[1] != x.shape[1] or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight must be [C_out, C_in, 3, 3] with C_in={x.shape[1]}, got "
+                         f"{_shape(weight)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must be [C_out] = [{weight.shape[0]}], got {_shape(bias)}")
+    fn = _backend.select("rep_conv", x.device.type)
+    return fn(x, weight, bias, activation)

@@ -1,0 +1,149 @@
+"""Which implementation of each op runs.
+
+Backends: ``reference`` (pure PyTorch, every device), ``native`` (the C++/CUDA extension
+``rtdetr_fast._C``), ``triton``. Nothing is probed at import: the extension and Triton are
+looked up the first time an op runs or :func:`available_backends` is asked.
+
+Selection, in order: the innermost ``with ops.backend(name)``, then the environment variable
+``RTDETR_FAST_BACKEND``, then ``auto`` (native, then triton, then reference, taking the first
+that has the op for the tensor's device). A forced backend that cannot run the op raises; it
+never falls back silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+from typing import Callable, Dict, Iterator, List, Optional
+
+BACKENDS = ("native", "triton", "reference")
+_CHOICES = ("auto",) + BACKENDS
+
+# op name -> backend -> (implementation, supports(device_type) -> bool)
+_REGISTRY: Dict[str, Dict[str, tuple]] = {}
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("rtdetr_fast_backend",
+                                                                         default=None)
+
+
+def register(op: str, backend: str, supports: Callable[[str], bool]):
+    """Decorator: register ``fn`` as ``backend``'s implementation of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}")
+
+    def deco(fn):
+        _REGISTRY.setdefault(op, {})[backend] = (fn, supports)
+        return fn
+
+    return deco
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled extension module, or None when it was not built."""
+    try:
+        return importlib.import_module("rtdetr_fast._C")
+    except ImportError:
+        return None
+
+
+def extension_has(op: str, device_type: str) -> bool:
+    """True when the extension registers a kernel of ``rtdetr_fast::op`` for ``device_type``."""
+    if extension() is None:
+        return False
+    import torch
+
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    name = f"rtdetr_fast::{op}"
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+    except RuntimeError:
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        importlib.import_module("triton")
+        importlib.import_module("triton.language")
+    except Exception:  # triton raises more than ImportError on machines without a driver
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_supports(device_type: str) -> bool:
+    if not triton_available():
+        return False
+    return device_type == "cuda" or (device_type == "cpu" and triton_interpreting())
+
+
+def current() -> str:
+    """The backend name in force here ('auto' unless forced)."""
+    name = _forced.get()
+    if name is None:
+        name = os.environ.get("RTDETR_FAST_BACKEND", "auto") or "auto"
+    if name not in _CHOICES:
+        raise ValueError(f"backend must be one of {_CHOICES}, got {name!r} "
+                         "(from ops.backend(...) or RTDETR_FAST_BACKEND)")
+    return name
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Force one implementation for every op inside the block."""
+    if name not in _CHOICES:
+        raise ValueError(f"backend must be one of {_CHOICES}, got {name!r}")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _load_ops() -> None:
+    # registration happens when the op packages are imported; ops/__init__ imports them
+    importlib.import_module("rtdetr_fast.ops")
+
+
+def select(op: str, device_type: str) -> Callable:
+    """The implementation of ``op`` to run for tensors on ``device_type``."""
+    impls = _REGISTRY.get(op, {})
+    name = current()
+    if name != "auto":
+        if name not in impls:
+            raise RuntimeError(f"backend {name!r} has no implementation of {op}")
+        fn, supports = impls[name]
+        if not supports(device_type):
+            raise RuntimeError(f"backend {name!r} cannot run {op} on {device_type} "
+                               f"(available: {available_backends(device_type, op)})")
+        return fn
+    for candidate in BACKENDS:
+        if candidate in impls and impls[candidate][1](device_type):
+            return impls[candidate][0]
+    raise RuntimeError(f"no backend can run {op} on {device_type}")
+
+
+def available_backends(device="cpu", op: Optional[str] = None) -> List[str]:
+    """Backends that can run ``op`` (every op when None) on ``device``, best first."""
+    _load_ops()
+    device_type = getattr(device, "type", None) or str(device).split(":")[0]
+    ops = [op] if op is not None else list(_REGISTRY)
+    out = []
+    for candidate in BACKENDS:
+        if all(candidate in _REGISTRY.get(o, {}) and _REGISTRY[o][candidate][1](device_type)
+               for o in ops):
+            out.append(candidate)
+    return out
+
+
+def table() -> Dict[str, Dict[str, List[str]]]:
+    """op -> device type -> available backends (used by ``python -m rtdetr_fast.info``)."""
+    _load_ops()
+    return {op: {dev: available_backends(dev, op) for dev in ("cpu", "cuda")} for op in _REGISTRY}

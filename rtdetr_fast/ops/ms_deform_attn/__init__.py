@@ -1,0 +1,1 @@
+from .reference import ms_deform_attn_reference  # noqa: F401

@@ -1,0 +1,31 @@
+"""Pure-PyTorch multi-scale deformable attention: the grid_sample formulation of the official
+RT-DETR decoder (bilinear, align_corners=False, zero padding). Every kernel is tested against it."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                             level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                             attention_weights: torch.Tensor) -> torch.Tensor:
+    """value [B,S,H,D], spatial_shapes [L,2] (H_l, W_l), level_start_index [L],
+    sampling_locations [B,Q,H,L,P,2] (x, y) in [0,1], attention_weights [B,Q,H,L,P] -> [B,Q,H*D]."""
+    B, S, H, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    starts = [int(s) for s in level_start_index.tolist()]
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for lvl, (h, w) in enumerate(shapes):
+        v = value[:, starts[lvl]:starts[lvl] + h * w]
+        # [B, h*w, H, D] -> [B*H, D, h, w]
+        v = v.permute(0, 2, 3, 1).reshape(B * H, D, h, w)
+        # [B, Q, H, P, 2] -> [B*H, Q, P, 2]
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros",
+                                     align_corners=False))  # [B*H, D, Q, P]
+    # [B, Q, H, L, P] -> [B*H, 1, Q, L*P]
+    w = attention_weights.transpose(1, 2).reshape(B * H, 1, Q, L * P)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * w).sum(-1)  # [B*H, D, Q]
+    return out.view(B, H * D, Q).transpose(1, 2)

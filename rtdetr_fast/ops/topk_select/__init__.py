@@ -1,0 +1,1 @@
+from .reference import topk_detections_reference, topk_select_reference  # noqa: F401
