@@ -35,7 +35,7 @@ def from_numpy(a: np.ndarray) -> torch.Tensor:
     if a.shape[2] == 1:
         a = np.repeat(a, 3, axis=2)
     a = a[:, :, :3]
-    t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
+    t = torch.from_numpy(np.array(a, copy=True, order="C")).permute(2, 0, 1)
     return _to_unit_float(t)
 
 

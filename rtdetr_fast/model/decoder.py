@@ -274,7 +274,11 @@ class RTDETRDecoder(nn.Module):
         return hit
 
     def _get_decoder_input(self, memory, shapes, denoising_class=None, denoising_bbox_unact=None):
-        B = memory.shape[0]
+        B, N = memory.shape[:2]
+        if N < self.num_queries:
+            raise ValueError(f"the input gives N={N} anchors over feature maps {list(shapes)}, "
+                             f"fewer than num_queries={self.num_queries}: use a larger image "
+                             "or a smaller num_queries")
         anchors, valid = self.anchors_for(shapes, memory.device)
         memory = valid.to(memory.dtype) * memory
         output_memory = self.enc_output(memory)

@@ -1,0 +1,57 @@
+import os
+import pathlib
+
+import pytest
+import torch
+
+DATA = pathlib.Path(__file__).parent / "data"
+KEY_FILES = {
+    "rtdetr_r18vd": "v1_r18.txt",
+    "rtdetr_r34vd": "v1_r34.txt",
+    "rtdetr_r50vd_m": "v1_r50m.txt",
+    "rtdetr_r50vd": "v1_r50.txt",
+    "rtdetr_r101vd": "v1_r101.txt",
+}
+
+
+def reference_keys(preset: str):
+    """The official checkpoint's state-dict lines: 'key (shape) dtype'."""
+    with open(DATA / "checkpoint_keys" / KEY_FILES[preset]) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def randomize_batch_norms(model: torch.nn.Module, seed: int = 0) -> None:
+    """Give every (frozen) batch norm non-trivial statistics, as a trained model has."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "running_var") and hasattr(m, "running_mean"):
+                n = m.running_var.numel()
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=g) * 0.6 - 0.3)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def r18():
+    """A small-input rtdetr_r18vd in eval mode with trained-looking batch norms (shared)."""
+    from rtdetr_fast import RTDETR
+
+    torch.manual_seed(0)
+    model = RTDETR.from_name("rtdetr_r18vd").eval()
+    randomize_batch_norms(model)
+    return model
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip)
