@@ -154,12 +154,14 @@ def load_pretrained(cls, path, num_classes: Optional[int] = None, name: Optional
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
     cfg_json = None
+    from_hf = False
     if os.path.isdir(path):
         sd, cfg_json = _read_folder(path)
         if cfg_json.get("model_type") == "rt_detr":
             from .hf_mapping import hf_to_official, preset_from_hf_config
 
             sd = hf_to_official(sd)
+            from_hf = True
             inferred = preset_from_hf_config(cfg_json)
             cfg_json = None
         elif "rtdetr_fast" in cfg_json:
@@ -185,6 +187,12 @@ def load_pretrained(cls, path, num_classes: Optional[int] = None, name: Optional
     model = cls(config)
     if any(DEPLOYED_KEY.search(k) for k in sd):
         model.deploy()
+    if from_hf:
+        # transformers' backbone uses frozen batch norms: the counters our unfrozen r18/r34
+        # backbones keep are absent there, and their value does not affect inference
+        for k, v in model.state_dict().items():
+            if k.endswith(".num_batches_tracked") and k not in sd:
+                sd[k] = torch.zeros_like(v)
     load_state_dict_strict(model, sd, repr(path))
     if num_classes is not None and num_classes != config.num_classes:
         model.decoder.reset_class_heads(num_classes)

@@ -133,3 +133,51 @@ def test_truncated_file(tmp_path, r18):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         RTDETR.from_pretrained(path)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_transformers_folder(tmp_path, r18, tied):
+    """A folder laid out like a transformers RT-DETR checkpoint loads to the same model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from rtdetr_fast.model.hf_mapping import hf_config_for, official_to_hf
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    hf_sd = official_to_hf(r18.state_dict(), tied_heads=tied)
+    assert "model.decoder.layers.0.self_attn.q_proj.weight" in hf_sd
+    save_file({k: v.clone().contiguous() for k, v in hf_sd.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(hf_config_for("rtdetr_r18vd", 80)))
+    model = RTDETR.from_pretrained(folder)
+    assert model.config.name == "rtdetr_r18vd" and model.num_classes == 80
+    assert _same_outputs(model, r18)
+
+
+def test_hf_folder_with_unknown_keys_fails_clearly(tmp_path, r18):
+    import json
+
+    from safetensors.torch import save_file
+
+    from rtdetr_fast.model.hf_mapping import hf_config_for, official_to_hf
+
+    hf_sd = official_to_hf(r18.state_dict())
+    hf_sd["model.something_new.weight"] = torch.zeros(3)
+    save_file({k: v.contiguous() for k, v in hf_sd.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_for("rtdetr_r18vd", 80)))
+    with pytest.raises(ValueError, match="model.something_new.weight"):
+        RTDETR.from_pretrained(tmp_path)
+
+
+def test_transformers_model_loads_when_installed(tmp_path, r18):
+    transformers = pytest.importorskip("transformers")
+    from rtdetr_fast.model.hf_mapping import hf_config_for, official_to_hf
+
+    cfg = transformers.RTDetrConfig(**{k: v for k, v in hf_config_for("rtdetr_r18vd", 80).items()
+                                       if k != "model_type"})
+    hf = transformers.RTDetrForObjectDetection(cfg)
+    hf.load_state_dict(official_to_hf(r18.state_dict()), strict=False)
+    hf.save_pretrained(tmp_path)
+    model = RTDETR.from_pretrained(tmp_path)
+    assert _same_outputs(model, r18)
