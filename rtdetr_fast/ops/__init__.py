@@ -43,7 +43,7 @@ def _shape(t: torch.Tensor) -> str:
 
 
 def _check_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                          attention_weights) -> None:
+                          attention_weights, num_points_list=None) -> None:
     named = dict(value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
                  sampling_locations=sampling_locations, attention_weights=attention_weights)
     for name, t in named.items():
@@ -51,20 +51,38 @@ def _check_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_loc
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if value.dim() != 4:
         raise ValueError(f"value must be [B, S, H, D], got {_shape(value)}")
-    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
-        raise ValueError(f"sampling_locations must be [B, Q, H, L, P, 2], got "
-                         f"{_shape(sampling_locations)}")
-    if attention_weights.dim() != 5:
-        raise ValueError(f"attention_weights must be [B, Q, H, L, P], got "
-                         f"{_shape(attention_weights)}")
     B, S, H, D = value.shape
-    _, Q, _, L, P, _ = sampling_locations.shape
-    if sampling_locations.shape[:5] != (B, Q, H, L, P) or sampling_locations.shape[0] != B:
-        raise ValueError(f"sampling_locations must be [B, Q, H, L, P, 2] with B={B}, H={H} from "
-                         f"value, got {_shape(sampling_locations)}")
-    if tuple(attention_weights.shape) != (B, Q, H, L, P):
-        raise ValueError(f"attention_weights must be [B, Q, H, L, P] = [{B}, {Q}, {H}, {L}, {P}], "
-                         f"got {_shape(attention_weights)}")
+    if num_points_list is None:
+        if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+            raise ValueError(f"sampling_locations must be [B, Q, H, L, P, 2], got "
+                             f"{_shape(sampling_locations)}")
+        if attention_weights.dim() != 5:
+            raise ValueError(f"attention_weights must be [B, Q, H, L, P], got "
+                             f"{_shape(attention_weights)}")
+        _, Q, _, L, P, _ = sampling_locations.shape
+        if sampling_locations.shape[:5] != (B, Q, H, L, P):
+            raise ValueError(f"sampling_locations must be [B, Q, H, L, P, 2] with B={B}, H={H} "
+                             f"from value, got {_shape(sampling_locations)}")
+        if tuple(attention_weights.shape) != (B, Q, H, L, P):
+            raise ValueError(f"attention_weights must be [B, Q, H, L, P] = [{B}, {Q}, {H}, {L}, "
+                             f"{P}], got {_shape(attention_weights)}")
+    else:
+        counts = list(num_points_list)
+        if not counts or not all(isinstance(p, int) and p >= 1 for p in counts):
+            raise ValueError(f"num_points_list must be positive ints, one per level, got "
+                             f"{num_points_list!r}")
+        L, N = len(counts), sum(counts)
+        if sampling_locations.dim() != 5 or sampling_locations.shape[-1] != 2:
+            raise ValueError(f"sampling_locations must be [B, Q, H, N, 2] with "
+                             f"N = sum(num_points_list) = {N}, got {_shape(sampling_locations)}")
+        Q = sampling_locations.shape[1]
+        if tuple(sampling_locations.shape) != (B, Q, H, N, 2):
+            raise ValueError(f"sampling_locations must be [B, Q, H, N, 2] = [{B}, {Q}, {H}, {N}, "
+                             f"2] (B, H from value, N = sum(num_points_list)), got "
+                             f"{_shape(sampling_locations)}")
+        if tuple(attention_weights.shape) != (B, Q, H, N):
+            raise ValueError(f"attention_weights must be [B, Q, H, N] = [{B}, {Q}, {H}, {N}], "
+                             f"got {_shape(attention_weights)}")
     if spatial_shapes.dim() != 2 or tuple(spatial_shapes.shape) != (L, 2):
         raise ValueError(f"spatial_shapes must be [L, 2] = [{L}, 2], got {_shape(spatial_shapes)}")
     if tuple(level_start_index.shape) != (L,):
@@ -82,8 +100,11 @@ def _check_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_loc
     for name in ("sampling_locations", "attention_weights"):
         if named[name].device != value.device:
             raise ValueError(f"{name} is on {named[name].device}, value on {value.device}")
-    # shapes and starts are read on the host; they are small and usually live there already
-    if not _is_compiling():
+    # shapes and starts are read on the host; they are small and usually live there already.
+    # Reading a CUDA tensor synchronises, which a CUDA graph capture forbids: the kernels then
+    # bound every read by S instead.
+    if not _is_compiling() and not (spatial_shapes.is_cuda and
+                                    torch.cuda.is_current_stream_capturing()):
         shapes = spatial_shapes.tolist()
         starts = level_start_index.tolist()
         expect, total = [], 0
@@ -100,6 +121,17 @@ def _check_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_loc
                              f"got {starts}")
 
 
+def _pad_points(sampling_locations, attention_weights, num_points_list):
+    """Per-level points [B,Q,H,N,2] / [B,Q,H,N] -> [B,Q,H,L,max P,2] / [B,Q,H,L,max P] with
+    zero weights on the padding: the same output and gradients, for backends without the form."""
+    P = max(num_points_list)
+    locs = sampling_locations.split(list(num_points_list), dim=3)
+    weights = attention_weights.split(list(num_points_list), dim=3)
+    loc = torch.stack([torch.nn.functional.pad(t, (0, 0, 0, P - t.shape[3])) for t in locs], 3)
+    w = torch.stack([torch.nn.functional.pad(t, (0, P - t.shape[3])) for t in weights], 3)
+    return loc, w
+
+
 def _is_compiling() -> bool:
     try:
         return torch.compiler.is_compiling()
@@ -109,17 +141,38 @@ def _is_compiling() -> bool:
 
 def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor,
                    level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
-                   attention_weights: torch.Tensor) -> torch.Tensor:
+                   attention_weights: torch.Tensor,
+                   num_points_list: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Multi-scale deformable attention.
 
     value [B,S,H,D]; spatial_shapes int64 [L,2] as (H_l, W_l); level_start_index int64 [L];
     sampling_locations [B,Q,H,L,P,2] normalised (x, y) (outside [0,1] samples zeros);
     attention_weights [B,Q,H,L,P] -> [B,Q,H*D]. Bilinear, align_corners=False, zero padding.
+
+    RT-DETRv2's per-level point counts: pass ``num_points_list`` (length L) with
+    sampling_locations [B,Q,H,N,2] and attention_weights [B,Q,H,N], N = sum(num_points_list),
+    level l owning num_points_list[l] consecutive points.
+
+    Under torch.autocast, mixed input dtypes are promoted to the widest of them, as autocast
+    does for grid_sample.
     """
+    if (isinstance(value, torch.Tensor) and isinstance(sampling_locations, torch.Tensor)
+            and isinstance(attention_weights, torch.Tensor)
+            and torch.is_autocast_enabled(value.device.type)):
+        dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype),
+                                    attention_weights.dtype)
+        value, sampling_locations, attention_weights = (
+            value.to(dtype), sampling_locations.to(dtype), attention_weights.to(dtype))
     _check_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                          attention_weights)
+                          attention_weights, num_points_list)
     fn = _backend.select("ms_deform_attn", value.device.type)
-    return fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if num_points_list is None:
+        return fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if getattr(fn, "supports_num_points_list", False):
+        return fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                  num_points_list=list(num_points_list))
+    loc, w = _pad_points(sampling_locations, attention_weights, list(num_points_list))
+    return fn(value, spatial_shapes, level_start_index, loc, w)
 
 
 def topk_select(logits: torch.Tensor, k: int, tensors: Sequence[torch.Tensor] = ()

@@ -18,6 +18,8 @@ import importlib
 import os
 from typing import Callable, Dict, Iterator, List, Optional
 
+import torch
+
 BACKENDS = ("native", "triton", "reference")
 _CHOICES = ("auto",) + BACKENDS
 
@@ -52,8 +54,6 @@ def extension_has(op: str, device_type: str) -> bool:
     """True when the extension registers a kernel of ``rtdetr_fast::op`` for ``device_type``."""
     if extension() is None:
         return False
-    import torch
-
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
@@ -114,6 +114,27 @@ def _load_ops() -> None:
 
 def select(op: str, device_type: str) -> Callable:
     """The implementation of ``op`` to run for tensors on ``device_type``."""
+    if _is_compiling():
+        # dynamo cannot trace the ContextVar read below: the choice becomes a constant of the
+        # compiled graph (forcing another backend later needs torch._dynamo.reset())
+        return _REGISTRY[op][_selected_name(op, device_type)][0]
+    return _select(op, device_type)
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _selected_name_eager(op: str, device_type: str) -> str:
+    fn = _select(op, device_type)
+    return next(name for name, (impl, _) in _REGISTRY[op].items() if impl is fn)
+
+
+# decorated here, at import: dynamo refuses to trace the decorator itself
+_selected_name = torch.compiler.assume_constant_result(_selected_name_eager)
+
+
+def _select(op: str, device_type: str) -> Callable:
     impls = _REGISTRY.get(op, {})
     name = current()
     if name != "auto":

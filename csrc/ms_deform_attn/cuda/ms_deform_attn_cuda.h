@@ -1,0 +1,41 @@
+// Launchers of the CUDA kernels of rtdetr_fast::ms_deform_attn. Raw pointers and cudaStream_t
+// only: no torch header, so the .cu compiles with nvcc alone (scripts/check_cuda_compile.sh).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace rtdetr_fast {
+namespace msda {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Levels with differing point counts are described by prefix sums passed by value; uniform
+// counts (uniform_p > 0) have no limit on L.
+constexpr int kMaxLevels = 16;
+
+struct Problem {
+  int64_t B, S, H, D, Q, L, N;  // N: points over all levels
+  int uniform_p;                // P when every level has P points, else 0
+  int point_start[kMaxLevels + 1];
+  const int64_t* shapes;  // [L, 2] (H_l, W_l), device
+  const int64_t* starts;  // [L], device
+};
+
+// out [B, Q, H*D] of `dtype`; every pointer contiguous on the current device.
+cudaError_t forward(DType dtype, const Problem& p, const void* value, const void* loc,
+                    const void* attn, void* out, cudaStream_t stream);
+
+// Atomic path: grad_value_acc is a zeroed float32 [B, S, H, D] (the output itself for float32).
+// Deterministic path (no float atomics): grad_value_fixed is a zeroed int64 [B, S, H, D] of
+// fixed-point sums, absmax two zeroed uint32, and grad_value_out receives the result in `dtype`.
+cudaError_t backward(DType dtype, const Problem& p, const void* grad_out, const void* value,
+                     const void* loc, const void* attn, float* grad_value_acc,
+                     unsigned long long* grad_value_fixed, unsigned int* absmax,
+                     void* grad_value_out, void* grad_loc, void* grad_attn, bool deterministic,
+                     cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace msda
+}  // namespace rtdetr_fast

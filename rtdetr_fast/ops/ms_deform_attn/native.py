@@ -1,0 +1,108 @@
+"""Binding of the extension's ``rtdetr_fast::ms_deform_attn`` and its backward op.
+
+The ops are defined in C++ (csrc/ms_deform_attn/ms_deform_attn.cpp); their fake (meta)
+implementations and autograd formula are registered here, in Python, so torch.compile and
+CUDA graphs see one opaque op. Registration waits for the first use: importing this module
+loads neither the extension nor CUDA.
+"""
+from __future__ import annotations
+
+import threading
+from typing import List, Optional, Sequence
+
+import torch
+
+from .. import _backend
+
+_lock = threading.Lock()
+_registered = False
+
+
+def _supports(device_type: str) -> bool:
+    return _backend.extension_has("ms_deform_attn", device_type) and _ensure_registered()
+
+
+def _fake_forward(value, spatial_shapes, level_start_index, sampling_locations,
+                  attention_weights, num_points):
+    B, _, H, D = value.shape
+    return value.new_empty((B, sampling_locations.shape[1], H * D))
+
+
+def _fake_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                   attention_weights, num_points, deterministic):
+    return (torch.empty_like(value), torch.empty_like(sampling_locations),
+            torch.empty_like(attention_weights))
+
+
+def _setup_context(ctx, inputs, output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, num_points \
+        = inputs
+    ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations,
+                          attention_weights)
+    ctx.num_points = list(num_points)
+
+
+def _backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = \
+        ctx.saved_tensors
+    # read when the backward runs (or is traced), so the mode in force at backward time decides
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    grad_value, grad_loc, grad_attn = torch.ops.rtdetr_fast.ms_deform_attn_backward(
+        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations,
+        attention_weights, ctx.num_points, deterministic)
+    return grad_value, None, None, grad_loc, grad_attn, None
+
+
+def _ensure_registered() -> bool:
+    """Registers the fake and autograd implementations once the extension is loaded."""
+    global _registered
+    if _registered:
+        return True
+    with _lock:
+        if _registered:
+            return True
+        if _backend.extension() is None:
+            return False
+        try:
+            torch.ops.rtdetr_fast.ms_deform_attn.default
+        except (AttributeError, RuntimeError):
+            return False
+        torch.library.register_fake("rtdetr_fast::ms_deform_attn", _fake_forward)
+        torch.library.register_fake("rtdetr_fast::ms_deform_attn_backward", _fake_backward)
+        torch.library.register_autograd("rtdetr_fast::ms_deform_attn", _backward,
+                                        setup_context=_setup_context)
+        _registered = True
+    return True
+
+
+def flatten_points(sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                   num_points_list: Optional[Sequence[int]]):
+    """[B,Q,H,L,P,2] / [B,Q,H,L,P] (or the per-level [B,Q,H,N,2] / [B,Q,H,N] with
+    num_points_list) -> the op's flattened form and its num_points."""
+    if num_points_list is None:
+        B, Q, H, L, P, _ = sampling_locations.shape
+        return (sampling_locations.reshape(B, Q, H, L * P, 2),
+                attention_weights.reshape(B, Q, H, L * P), [P] * L)
+    return sampling_locations, attention_weights, [int(p) for p in num_points_list]
+
+
+def ms_deform_attn_native(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                          level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                          attention_weights: torch.Tensor,
+                          num_points_list: Optional[Sequence[int]] = None) -> torch.Tensor:
+    if not _ensure_registered():
+        raise RuntimeError("the native extension rtdetr_fast._C with ms_deform_attn is not built")
+    loc, attn, num_points = flatten_points(sampling_locations, attention_weights,
+                                           num_points_list)
+    return torch.ops.rtdetr_fast.ms_deform_attn(
+        value.contiguous(), spatial_shapes.to(value.device, torch.long).contiguous(),
+        level_start_index.to(value.device, torch.long).contiguous(), loc.contiguous(),
+        attn.contiguous(), num_points)
+
+
+# ops.ms_deform_attn passes num_points_list through instead of padding to max(P)
+ms_deform_attn_native.supports_num_points_list = True  # type: ignore[attr-defined]
+
+_backend.register("ms_deform_attn", "native", _supports)(ms_deform_attn_native)
+
+__all__: List[str] = ["ms_deform_attn_native"]

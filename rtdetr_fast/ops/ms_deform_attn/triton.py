@@ -1,0 +1,142 @@
+"""Triton backend of multi-scale deformable attention.
+
+The kernels (``_triton_kernels``, which imports triton) load on first use, so importing this
+module needs no Triton. They run on CUDA tensors, or on CPU tensors under Triton's interpreter
+(``TRITON_INTERPRET=1``, read by ``triton.jit`` when a kernel is defined: the kernel module is
+re-imported when that setting changed). Forward and backward are torch custom ops with fake
+and autograd implementations, so torch.compile sees one opaque op.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from typing import Dict
+
+import torch
+
+from .. import _backend
+
+_kernel_modules: Dict[bool, object] = {}
+_NAME = "rtdetr_fast.ops.ms_deform_attn._triton_kernels"
+
+
+def _kernels():
+    interpret = _backend.triton_interpreting()
+    mod = _kernel_modules.get(interpret)
+    if mod is None:
+        if _NAME in sys.modules:
+            mod = importlib.reload(sys.modules[_NAME])
+        else:
+            mod = importlib.import_module(_NAME)
+        _kernel_modules.clear()
+        _kernel_modules[interpret] = mod
+    return mod
+
+
+def _acc_dtype(value: torch.Tensor) -> torch.dtype:
+    return torch.float64 if value.dtype == torch.float64 else torch.float32
+
+
+def _acc(kernels, value: torch.Tensor):
+    return kernels.ACC_FLOAT64 if value.dtype == torch.float64 else kernels.ACC_FLOAT32
+
+
+def _block_d(D: int) -> int:
+    return max(16, 1 << (D - 1).bit_length())
+
+
+def _block_r(D: int) -> int:
+    # about 2K elements per tile: enough rows in flight without spilling on wide D
+    return max(1, min(64, 2048 // _block_d(D)))
+
+
+@torch.library.custom_op("rtdetr_fast::ms_deform_attn_triton", mutates_args=())
+def _forward(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+             sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    B, S, H, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    out = value.new_empty((B, Q, H * D))
+    rows = B * Q * H
+    if out.numel() == 0:
+        return out
+    k = _kernels()
+    BR = _block_r(D)
+    with torch.device(value.device):
+        k.ms_deform_attn_fwd[(triton_cdiv(rows, BR),)](
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
+            rows, S, Q, H=H, D=D, L=L, P=P, BLOCK_R=BR, BLOCK_D=_block_d(D), ACC=_acc(k, value))
+    return out
+
+
+@_forward.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    B, _, H, D = value.shape
+    return value.new_empty((B, sampling_locations.shape[1], H * D))
+
+
+@torch.library.custom_op("rtdetr_fast::ms_deform_attn_triton_backward", mutates_args=())
+def _backward_op(grad_output: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
+                 level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                 attention_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+    B, S, H, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    # float32 accumulation: half/bfloat16 atomics would round every addition
+    grad_value = torch.zeros(value.shape, dtype=_acc_dtype(value), device=value.device)
+    grad_loc = torch.zeros_like(sampling_locations)
+    grad_attn = torch.zeros_like(attention_weights)
+    rows = B * Q * H
+    if rows and value.numel():
+        k = _kernels()
+        BR = _block_r(D)
+        with torch.device(value.device):
+            k.ms_deform_attn_bwd[(triton_cdiv(rows, BR),)](
+                grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                attention_weights, grad_value, grad_loc, grad_attn, rows, S, Q, H=H, D=D, L=L,
+                P=P, BLOCK_R=BR, BLOCK_D=_block_d(D), ACC=_acc(k, value))
+    return grad_value.to(value.dtype), grad_loc, grad_attn
+
+
+@_backward_op.register_fake
+def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+      attention_weights):
+    return (torch.empty_like(value), torch.empty_like(sampling_locations),
+            torch.empty_like(attention_weights))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _autograd_backward(ctx, grad_output):
+    if torch.are_deterministic_algorithms_enabled():
+        # float atomics: refuse (or warn, with warn_only=True) rather than be silently
+        # nondeterministic; the native backend has a deterministic backward
+        msg = ("rtdetr_fast ms_deform_attn backward (triton backend) does not have a "
+               "deterministic implementation (float atomics); use the native backend, or "
+               "torch.use_deterministic_algorithms(True, warn_only=True)")
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            warnings.warn(msg)
+        else:
+            raise RuntimeError(msg)
+    grad_value, grad_loc, grad_attn = _backward_op(grad_output.contiguous(), *ctx.saved_tensors)
+    return grad_value, None, None, grad_loc, grad_attn
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def ms_deform_attn_triton(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                          level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                          attention_weights: torch.Tensor) -> torch.Tensor:
+    return _forward(value.contiguous(), spatial_shapes.to(value.device, torch.long).contiguous(),
+                    level_start_index.to(value.device, torch.long).contiguous(),
+                    sampling_locations.contiguous(), attention_weights.contiguous())
+
+
+_backend.register("ms_deform_attn", "triton", _backend.triton_supports)(ms_deform_attn_triton)
