@@ -42,8 +42,15 @@ class RepVggBlock(nn.Module):
 
     @staticmethod
     def _fuse(branch: ConvNormLayer) -> Tuple[torch.Tensor, torch.Tensor]:
-        # fold in float64 so the folded block matches the two-branch one to rounding
-        scale, shift = (t.double() for t in bn_scale_shift(branch.norm))
+        # fold in float64, the BatchNorm's rsqrt(var + eps) included, so the folded block matches
+        # the two-branch one to one final rounding (BatchNorm2d and FrozenBatchNorm2d alike)
+        norm = branch.norm
+        if all(getattr(norm, a, None) is not None
+               for a in ("weight", "bias", "running_mean", "running_var", "eps")):
+            scale = norm.weight.double() * (norm.running_var.double() + norm.eps).rsqrt()
+            shift = norm.bias.double() - norm.running_mean.double() * scale
+        else:
+            scale, shift = (t.double() for t in bn_scale_shift(norm))
         kernel = branch.conv.weight.double() * scale.view(-1, 1, 1, 1)
         if branch.conv.bias is not None:
             shift = shift + branch.conv.bias.double() * scale
@@ -60,6 +67,10 @@ class RepVggBlock(nn.Module):
                          device=ref.device, dtype=ref.dtype)
         conv.weight.copy_(kernel)
         conv.bias.copy_(bias)
+        # channels_last ([C_out][3][3][C_in] in memory) is the layout the rep_conv kernels read:
+        # stored so, the weight is never repacked per call. Values, keys and shapes are unchanged
+        # (save_pretrained writes contiguous copies; load_state_dict keeps this layout).
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
         self.conv = conv
         del self.conv1
         del self.conv2

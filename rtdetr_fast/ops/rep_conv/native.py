@@ -1,0 +1,72 @@
+"""Binding of the extension's folded RepConv, ``rtdetr_fast::rep_conv`` (csrc/rep_conv/).
+
+  rtdetr_fast::rep_conv(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor
+
+x and weight channels_last, float16/bfloat16, C_in % 8 == 0; the result is channels_last. Only a
+CUDA kernel exists (mma.sync tensor cores, bias + activation in the epilogue); the CPU runs the
+reference. The fake (meta) implementation is registered here the first time the backend is probed,
+because the schema exists only once rtdetr_fast._C is loaded; nothing imports the extension at
+module import.
+
+Documented fallbacks to the reference (same result, never a silent wrong one): float32 (torch's
+cuDNN convolution, TF32 under torch's default ``allow_tf32``) and float64, C_in not a multiple of
+8 (the kernel copies 16-byte rows of channels), inputs that need a gradient (deploy-time forward
+only), and B*H*W past 2^31. Mismatched dtypes or devices raise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+from .reference import ACTIVATIONS, rep_conv_reference
+from .triton import check_same, empty_output
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+_registered = False
+
+
+def _fake(x, weight, bias, activation):
+    return empty_output(x, weight)
+
+
+def _register_python_side() -> None:
+    global _registered
+    if _registered:
+        return
+    torch.library.register_fake("rtdetr_fast::rep_conv")(_fake)
+    _registered = True
+
+
+def supports(device_type: str) -> bool:
+    ok = _backend.extension_has("rep_conv", device_type)
+    if ok:
+        _register_python_side()
+    return ok
+
+
+def kernel_covers(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether the CUDA kernel runs this call (else the reference does)."""
+    if x.dtype not in _KERNEL_DTYPES or x.shape[1] % 8 != 0:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        return False
+    B, _, H, W = x.shape
+    return B * H * W < 2 ** 31 - 1
+
+
+def rep_conv_native(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    activation: str = "silu") -> torch.Tensor:
+    """Native backend of :func:`rtdetr_fast.ops.rep_conv` (shapes already validated there)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_same(x, weight, bias)
+    if not kernel_covers(x, weight, bias):
+        return rep_conv_reference(x, weight, bias, activation)
+    # no-ops for a channels_last model (RepVggBlock.fold stores its weight channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    return torch.ops.rtdetr_fast.rep_conv(x, weight, None if bias is None else bias.contiguous(),
+                                          activation)
