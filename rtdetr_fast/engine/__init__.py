@@ -1,0 +1,1 @@
+"""Training and evaluation loops (import the submodules: engine.evaluate, engine.train)."""
