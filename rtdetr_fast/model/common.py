@@ -133,3 +133,41 @@ def nearest_upsample_to(x: torch.Tensor, size) -> torch.Tensor:
     """Nearest upsampling to ``size``: equal to scale_factor=2 when size is exactly twice x's,
     and defined for odd sizes (inputs that are not multiples of 32) too."""
     return F.interpolate(x, size=tuple(size), mode="nearest")
+
+
+def box_area(b: torch.Tensor) -> torch.Tensor:
+    return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor):
+    """Pairwise IoU and union of xyxy boxes a [N,4], b [M,4] -> ([N,M], [N,M])."""
+    area_a, area_b = box_area(a), box_area(b)
+    lt = torch.max(a[:, None, :2], b[None, :, :2])
+    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    return inter / union, union
+
+
+def generalized_box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pairwise generalised IoU of xyxy boxes a [N,4], b [M,4] -> [N,M]."""
+    iou, union = box_iou(a, b)
+    lt = torch.min(a[:, None, :2], b[None, :, :2])
+    rb = torch.max(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    hull = wh[..., 0] * wh[..., 1]
+    return iou - (hull - union) / hull
+
+
+def elementwise_box_iou(a: torch.Tensor, b: torch.Tensor):
+    """IoU and generalised IoU of matched xyxy pairs a [N,4], b [N,4] -> ([N], [N])."""
+    lt = torch.max(a[:, :2], b[:, :2])
+    rb = torch.min(a[:, 2:], b[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    union = box_area(a) + box_area(b) - inter
+    iou = inter / union
+    hull_wh = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0)
+    hull = hull_wh[:, 0] * hull_wh[:, 1]
+    return iou, iou - (hull - union) / hull

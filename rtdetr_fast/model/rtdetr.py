@@ -12,7 +12,10 @@ import torch.nn.functional as F
 
 from ..config import RTDETRConfig, get_config
 from .backbone import PResNet
+from .common import box_xyxy_to_cxcywh
+from .criterion import RTDETRCriterion
 from .decoder import RTDETRDecoder
+from .denoising import contrastive_denoising_group
 from .encoder import HybridEncoder, RepVggBlock
 from .postprocess import PostProcessor
 
@@ -43,6 +46,7 @@ class RTDETR(nn.Module):
                                      config.eval_spatial_size)
         self.encoder = HybridEncoder(enc, config.eval_spatial_size)
         self.postprocessor = PostProcessor(config.num_top_queries)
+        self.criterion = RTDETRCriterion(config.num_classes)
 
     # ----------------------------------------------------------------------------- builders
     @classmethod
@@ -99,13 +103,69 @@ class RTDETR(nn.Module):
             raise ValueError(f"images must be at least 32x32, got {tuple(images.shape[2:])}")
 
     def forward(self, images: torch.Tensor, targets: Optional[List[Dict]] = None) -> Dict:
+        """Detect; with ``targets`` also compute the loss.
+
+        ``targets``: one dict per image, either ``boxes`` [N,4] xyxy in pixels of ``images`` and
+        ``labels`` [N] int64 (the torchvision convention), or the Hugging Face form
+        ``class_labels`` [N] with ``boxes`` cxcywh normalised. Images without boxes are valid.
+        With targets the output adds ``loss`` (a scalar) and ``loss_dict`` (every weighted
+        term); in train mode the terms cover every decoder layer, the encoder's proposals and
+        the denoising groups, in eval mode the final layer only."""
         self._check_images(images)
-        if targets is not None:
-            raise NotImplementedError("training with targets (the RT-DETR loss) is not "
-                                      "implemented in this version of rtdetr_fast")
-        feats = self.backbone(images)
-        feats = self.encoder(feats)
-        return self.decoder(feats)
+        feats = self.encoder(self.backbone(images))
+        if targets is None:
+            return self.decoder(feats)
+        norm_targets = self.normalize_targets(targets, images)
+        denoising = None
+        if self.training:
+            dec = self.config.decoder
+            denoising = contrastive_denoising_group(
+                norm_targets, self.num_classes, dec.num_queries, self.decoder.denoising_class_embed,
+                dec.num_denoising, dec.label_noise_ratio, dec.box_noise_scale
+            ) if dec.num_denoising > 0 else None
+        out = self.decoder(feats, denoising)
+        # the loss runs in float32 whatever the autocast around the forward
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            losses = self.criterion(out, norm_targets)
+        loss = sum(losses.values())
+        if self.training and denoising is None and self.config.decoder.num_denoising > 0:
+            # keep the denoising embedding in the graph, so DistributedDataParallel sees the
+            # same parameters used on every rank even when this rank's batch has no boxes
+            loss = loss + 0.0 * self.decoder.denoising_class_embed.weight.sum()
+        out["loss"] = loss
+        out["loss_dict"] = losses
+        return out
+
+    def normalize_targets(self, targets: List[Dict], images: torch.Tensor) -> List[Dict]:
+        """Targets as the loss wants them: ``labels`` int64 and ``boxes`` cxcywh normalised."""
+        if not isinstance(targets, (list, tuple)) or len(targets) != images.shape[0]:
+            raise ValueError(f"targets must be a list of {images.shape[0]} dicts (one per image), "
+                             f"got {type(targets).__name__} of length "
+                             f"{len(targets) if hasattr(targets, '__len__') else '?'}")
+        h, w = images.shape[-2:]
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=images.device)
+        out = []
+        for i, t in enumerate(targets):
+            hf = "class_labels" in t
+            labels = t["class_labels"] if hf else t.get("labels")
+            boxes = t.get("boxes")
+            if labels is None or boxes is None:
+                raise ValueError(f"targets[{i}] needs 'boxes' and 'labels' (or 'class_labels'), "
+                                 f"got keys {sorted(t)}")
+            labels = torch.as_tensor(labels, device=images.device).long().reshape(-1)
+            boxes = torch.as_tensor(boxes, device=images.device, dtype=torch.float32)
+            if boxes.numel() == 0:
+                boxes = boxes.reshape(0, 4)
+            if boxes.dim() != 2 or boxes.shape[1] != 4 or boxes.shape[0] != labels.shape[0]:
+                raise ValueError(f"targets[{i}]: boxes must be [N, 4] with N = len(labels) = "
+                                 f"{labels.shape[0]}, got {list(boxes.shape)}")
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(f"targets[{i}]: labels must be in [0, {self.num_classes}), got "
+                                 f"min {int(labels.min())} max {int(labels.max())}")
+            if not hf:
+                boxes = box_xyxy_to_cxcywh(boxes / scale)
+            out.append({"labels": labels, "boxes": boxes})
+        return out
 
     # ----------------------------------------------------------------------------- inference
     @torch.no_grad()

@@ -1,0 +1,327 @@
+"""The training engine: the official RT-DETR recipe (AdamW with a slow backbone, linear warm-up,
+EMA, gradient clipping, AMP), exact resume, atomic checkpoints, evaluation each epoch, a JSONL
+log and progress bars. Works alone or under torchrun (DistributedDataParallel)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import distributed as D
+from .ema import ModelEMA, unwrap
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 72
+    lr: float = 1e-4
+    backbone_lr: float = 1e-5
+    weight_decay: float = 1e-4
+    betas: Tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 2000
+    # epochs after which the learning rate is multiplied by lr_gamma
+    lr_milestones: Tuple[int, ...] = ()
+    lr_gamma: float = 0.1
+    clip_max_norm: float = 0.1
+    ema: bool = True
+    ema_decay: float = 0.9999
+    ema_warmups: int = 2000
+    # "none", "bf16" (autocast, no scaler) or "fp16" (autocast with a GradScaler)
+    amp: str = "none"
+    sync_bn: bool = False
+    output_dir: str = "outputs/train"
+    eval_every: int = 1
+    log_every: int = 10
+    progress: bool = True
+    # cap on steps per epoch (smoke tests, demos); None = the whole loader
+    max_steps_per_epoch: Optional[int] = None
+    # the metric that picks best.pth (a key of the evaluation's result)
+    best_metric: str = "AP"
+
+    def __post_init__(self):
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# official parameter groups, by parameter name (the regexes of the released configs)
+_BACKBONE_NORM = re.compile(r"^(?=.*backbone)(?=.*norm).*$")
+_BACKBONE_OTHER = re.compile(r"^(?=.*backbone)(?!.*norm).*$")
+_HEAD_NORM_BIAS = re.compile(r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bias)).*$")
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict]:
+    groups = {"backbone_norm": [], "backbone": [], "no_decay": [], "default": []}
+    for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        if _BACKBONE_NORM.match(name):
+            groups["backbone_norm"].append(p)
+        elif _BACKBONE_OTHER.match(name):
+            groups["backbone"].append(p)
+        elif _HEAD_NORM_BIAS.match(name):
+            groups["no_decay"].append(p)
+        else:
+            groups["default"].append(p)
+    settings = {"backbone_norm": dict(lr=cfg.backbone_lr, weight_decay=0.0),
+                "backbone": dict(lr=cfg.backbone_lr), "no_decay": dict(weight_decay=0.0),
+                "default": {}}
+    return [dict(params=ps, name=n, **settings[n]) for n, ps in groups.items() if ps]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas,
+                             weight_decay=cfg.weight_decay)
+
+
+class LRSchedule:
+    """lr = base * min(1, (step + 1) / warmup_steps) * gamma ** (milestones passed)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self.base = [g["lr"] for g in optimizer.param_groups]
+
+    def factor(self, step: int, epoch: int) -> float:
+        warm = min(1.0, (step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps > 0 else 1.0
+        decay = self.cfg.lr_gamma ** sum(epoch >= m for m in self.cfg.lr_milestones)
+        return warm * decay
+
+    def apply(self, step: int, epoch: int) -> None:
+        f = self.factor(step, epoch)
+        for g, base in zip(self.optimizer.param_groups, self.base):
+            g["lr"] = base * f
+
+    def state_dict(self) -> dict:
+        return {"base": list(self.base)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base = list(state["base"])
+
+
+def _rng_state() -> dict:
+    # numpy's key array as a tensor, so the checkpoint loads with weights_only=True
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _to_device(images, targets, device):
+    images = images.to(device, non_blocking=True)
+    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+                for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+class Trainer:
+    """``train_loader`` yields (images [B,3,H,W] float in [0,1], targets) with targets as
+    :meth:`RTDETR.forward` takes them. ``evaluate_fn(model)`` returns a dict of metrics (the
+    COCO numbers); it gets the EMA model when EMA is on."""
+
+    def __init__(self, model: nn.Module, train_loader: Iterable, cfg: TrainConfig,
+                 evaluate_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
+                 device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.train_loader = train_loader
+        self.evaluate_fn = evaluate_fn
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.schedule = LRSchedule(self.optimizer, cfg)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.ema = ModelEMA(self.model, cfg.ema_decay, cfg.ema_warmups) if cfg.ema else None
+        self.ddp_model = D.wrap_model(self.model, self.device, cfg.sync_bn)
+        self.epoch = 0
+        self.step = 0
+        self.best: Optional[float] = None
+        self.history: List[Dict] = []
+        self.main = D.is_main_process()
+        self.log_path = os.path.join(cfg.output_dir, "log.jsonl")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"model": unwrap(self.model).state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch, "step": self.step, "best": self.best,
+                "rng": _rng_state(),
+                "train_config": dataclasses.asdict(self.cfg),
+                "model_config": dataclasses.asdict(unwrap(self.model).config)
+                if hasattr(unwrap(self.model), "config") else None}
+
+    def save(self, path: str) -> None:
+        if self.main:
+            atomic_save(self.state_dict(), path)
+
+    def resume(self, path: str) -> None:
+        """Continue exactly where the checkpoint at ``path`` stopped."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no checkpoint to resume from at {path!r}")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"cannot read training checkpoint {path!r}: {exc}") from exc
+        missing = {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng"} - set(state)
+        if missing:
+            raise ValueError(f"{path!r} is not a training checkpoint of this engine (lacks "
+                             f"{sorted(missing)}); to start from its weights, load them with "
+                             "RTDETR.from_pretrained instead")
+        unwrap(self.model).load_state_dict(state["model"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step, self.best = state["epoch"], state["step"], state.get("best")
+        _set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ loop
+    def _log(self, record: Dict) -> None:
+        self.history.append(record)
+        if self.main:
+            os.makedirs(self.cfg.output_dir, exist_ok=True)
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _autocast(self):
+        if self.cfg.amp == "none":
+            return torch.autocast(self.device.type, enabled=False)
+        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def train_step(self, images, targets) -> Dict[str, float]:
+        images, targets = _to_device(images, targets, self.device)
+        self.schedule.apply(self.step, self.epoch)
+        with self._autocast():
+            out = self.ddp_model(images, targets)
+        loss = out["loss"]
+        if not torch.isfinite(loss):
+            last = os.path.join(self.cfg.output_dir, "last.pth")
+            terms = {k: float(v) for k, v in out["loss_dict"].items() if not torch.isfinite(v)}
+            raise TrainingDiverged(
+                f"loss is {float(loss)} at epoch {self.epoch} step {self.step} (non-finite "
+                f"terms: {terms}); training stopped. The last good checkpoint is untouched"
+                f"{' at ' + last if os.path.exists(last) else ''}; lower the learning rate or "
+                "check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.clip_max_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema:
+            self.ema.update(self.model)
+        self.step += 1
+        return {"loss": float(loss.detach()),
+                **{k: float(v.detach()) for k, v in out["loss_dict"].items()
+                   if "_aux_" not in k and "_dn_" not in k}}
+
+    def train_one_epoch(self) -> Dict[str, float]:
+        self.ddp_model.train()
+        for obj in (getattr(self.train_loader, "sampler", None),
+                    getattr(self.train_loader, "collate_fn", None)):
+            if hasattr(obj, "set_epoch"):
+                obj.set_epoch(self.epoch)
+        total = None
+        if hasattr(self.train_loader, "__len__"):
+            total = len(self.train_loader)
+            if self.cfg.max_steps_per_epoch:
+                total = min(total, self.cfg.max_steps_per_epoch)
+        it = self.train_loader
+        bar = None
+        if self.cfg.progress and self.main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+                       dynamic_ncols=True, leave=False)
+        sums: Dict[str, float] = {}
+        n = 0
+        t0 = time.perf_counter()
+        for images, targets in it:
+            stats = self.train_step(images, targets)
+            n += 1
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.3f}",
+                                lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}")
+            if self.cfg.log_every and self.step % self.cfg.log_every == 0:
+                self._log({"type": "step", "epoch": self.epoch, "step": self.step,
+                           "lr": self.optimizer.param_groups[-1]["lr"], **stats})
+            if self.cfg.max_steps_per_epoch and n >= self.cfg.max_steps_per_epoch:
+                break
+        if bar is not None:
+            bar.close()
+        means = {k: v / max(n, 1) for k, v in sums.items()}
+        means["steps"] = n
+        means["seconds"] = time.perf_counter() - t0
+        return means
+
+    def evaluate(self) -> Dict[str, float]:
+        if self.evaluate_fn is None:
+            return {}
+        model = self.ema.module if self.ema else unwrap(self.model)
+        return self.evaluate_fn(model)
+
+    def fit(self) -> List[Dict]:
+        """Train from ``self.epoch`` to ``cfg.epochs``: last.pth every epoch, best.pth on the
+        best ``best_metric``. Returns the epoch records."""
+        out = self.cfg.output_dir
+        epochs = []
+        while self.epoch < self.cfg.epochs:
+            train_stats = self.train_one_epoch()
+            self.epoch += 1
+            record = {"type": "epoch", "epoch": self.epoch, "step": self.step,
+                      **{f"train_{k}": v for k, v in train_stats.items()}}
+            if self.evaluate_fn and (self.epoch % self.cfg.eval_every == 0
+                                     or self.epoch == self.cfg.epochs):
+                metrics = self.evaluate()
+                record.update({f"eval_{k}": v for k, v in metrics.items()})
+                score = metrics.get(self.cfg.best_metric)
+                if score is not None and (self.best is None or score > self.best):
+                    self.best = score
+                    self.save(os.path.join(out, "best.pth"))
+            self.save(os.path.join(out, "last.pth"))
+            self._log(record)
+            epochs.append(record)
+        return epochs
