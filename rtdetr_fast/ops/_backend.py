@@ -79,9 +79,11 @@ def triton_interpreting() -> bool:
 
 
 def triton_supports(device_type: str) -> bool:
-    if not triton_available():
+    # decide on the device first: importing triton fixes its interpreter mode for the process,
+    # so a CPU probe without TRITON_INTERPRET=1 must not import it
+    if not (device_type == "cuda" or (device_type == "cpu" and triton_interpreting())):
         return False
-    return device_type == "cuda" or (device_type == "cpu" and triton_interpreting())
+    return triton_available()
 
 
 def current() -> str:

@@ -1,0 +1,131 @@
+"""Bindings of the extension's top-K ops, and the pieces every top-K backend shares.
+
+The extension (csrc/topk_select/) defines
+  rtdetr_fast::topk_select_indices(Tensor logits, int k) -> (Tensor scores, Tensor indices)
+  rtdetr_fast::topk_detections(Tensor scores, Tensor boxes, Tensor image_sizes, int k)
+      -> (Tensor scores, Tensor labels, Tensor boxes)
+Their fake (meta) implementations and the autograd of the selection are registered here, the
+first time the native backend is probed, because the schemas exist only once rtdetr_fast._C is
+loaded. Nothing here imports the extension at module import.
+
+The selection op is the only opaque piece: the gathers of the caller's tensors are torch ops, so
+their gradients are torch's; the gradient of the scores goes through the op's registered
+backward, which matches ``logits.amax(-1)`` (shared evenly between tied maxima).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+from .. import _backend
+from .reference import _rank
+
+
+# -- shared by the native and triton backends ------------------------------------------------
+
+def rank_with_torch(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The reference's ranking of [B, N] scores (the fallback for very large K)."""
+    return _rank(scores, k)
+
+
+def select_setup_context(ctx, inputs, output) -> None:
+    logits, _ = inputs
+    scores, idx = output
+    ctx.save_for_backward(logits, scores, idx)
+
+
+def select_backward(ctx, grad_scores, grad_idx):
+    logits, scores, idx = ctx.saved_tensors
+    C = logits.shape[-1]
+    where = idx.unsqueeze(-1).expand(-1, -1, C)
+    rows = logits.gather(1, where)
+    s = scores.unsqueeze(-1)
+    # the anchors' maxima share the gradient, as torch.amax's backward does
+    hit = (rows == s) | (rows.isnan() & s.isnan())
+    share = hit.to(grad_scores.dtype) / hit.sum(-1, keepdim=True).clamp_min(1).to(
+        grad_scores.dtype)
+    grad = torch.zeros_like(logits).scatter(1, where, share * grad_scores.unsqueeze(-1))
+    return grad, None
+
+
+def select_fake(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    B = logits.shape[0]
+    return logits.new_empty(B, k), logits.new_empty(B, k, dtype=torch.int64)
+
+
+def detections_fake(scores, boxes, image_sizes, k):
+    B = scores.shape[0]
+    return (scores.new_empty(B, k), scores.new_empty(B, k, dtype=torch.int64),
+            boxes.new_empty(B, k, 4))
+
+
+def gather_rows(idx: torch.Tensor, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """t[b, idx[b, j]] for each [B, N, *] tensor: differentiable torch gathers."""
+    return [t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(
+        -1, -1, *t.shape[2:])) for t in tensors]
+
+
+def detections_epilogue(scores, idx, boxes, image_sizes, C):
+    """labels and xyxy pixel boxes from flat (query, class) indices, as the reference."""
+    labels = idx % C
+    b = boxes.gather(1, (idx // C).unsqueeze(-1).expand(-1, -1, 4))
+    cx, cy, w, h = b.unbind(-1)
+    xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+    hw = image_sizes.to(xyxy.dtype)
+    scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1).unsqueeze(1)
+    return scores, labels, xyxy * scale
+
+
+# -- the native backend ------------------------------------------------------------------------
+
+_registered = False
+
+
+def _register_python_side() -> None:
+    global _registered
+    if _registered:
+        return
+    torch.library.register_fake("rtdetr_fast::topk_select_indices")(select_fake)
+    torch.library.register_fake("rtdetr_fast::topk_detections")(detections_fake)
+    torch.library.register_autograd("rtdetr_fast::topk_select_indices", select_backward,
+                                    setup_context=select_setup_context)
+    _registered = True
+
+
+def supports(device_type: str) -> bool:
+    ok = (_backend.extension_has("topk_select_indices", device_type)
+          and _backend.extension_has("topk_detections", device_type))
+    if ok:
+        _register_python_side()
+    return ok
+
+
+# the CUDA kernel sorts the selection in 16 KB of shared memory; past this K is a full sort
+MAX_K = 2048
+# the order key is built from float32 bits, exact for these; float64 takes the torch path
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def topk_select_native(logits: torch.Tensor, k: int, tensors: Sequence[torch.Tensor] = ()
+                       ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    if k > MAX_K or logits.dtype not in KERNEL_DTYPES:
+        scores, idx = rank_with_torch(logits.amax(-1), k)
+        return scores, idx, gather_rows(idx, tensors)
+    scores, idx = torch.ops.rtdetr_fast.topk_select_indices(logits.contiguous(), k)
+    return scores, idx, gather_rows(idx, tensors)
+
+
+def topk_detections_native(logits: torch.Tensor, boxes: torch.Tensor,
+                           image_sizes: torch.Tensor, k: int
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # torch's own sigmoid makes the ranking key bit-identical to the reference's on this device
+    # (a sigmoid inside the kernel would differ from torch's by an ulp now and then, and
+    # saturated scores tie, so an ulp reorders detections)
+    scores = torch.sigmoid(logits)
+    if (k > MAX_K or scores.dtype not in KERNEL_DTYPES or boxes.dtype not in KERNEL_DTYPES
+            or image_sizes.dtype != torch.int64):
+        s, idx = rank_with_torch(scores.flatten(1), k)
+        return detections_epilogue(s, idx, boxes, image_sizes, logits.shape[-1])
+    return torch.ops.rtdetr_fast.topk_detections(scores.contiguous(), boxes.contiguous(),
+                                                 image_sizes.contiguous(), k)
