@@ -61,8 +61,10 @@ RTDETR_HD bool bilinear_corners(acc_t x, acc_t y, int64_t h, int64_t w, int64_t 
   const acc_t hx = acc_t(1) - lx, hy = acc_t(1) - ly;
   c.lx = lx;
   c.ly = ly;
-  const bool x0_in = x0 >= 0, x1_in = x0 + 1 < w;
-  const bool y0_in = y0 >= 0, y1_in = y0 + 1 < h;
+  // ix == w (or iy == h) exactly passes the range test above and floors to x0 == w: that
+  // corner lies outside the level and must not be read, so both bounds are checked
+  const bool x0_in = x0 >= 0 && x0 < w, x1_in = x0 + 1 >= 0 && x0 + 1 < w;
+  const bool y0_in = y0 >= 0 && y0 < h, y1_in = y0 + 1 >= 0 && y0 + 1 < h;
   const int64_t base = start + y0 * w + x0;
   if (y0_in && x0_in) { c.row[0] = static_cast<int32_t>(base);         c.w[0] = hy * hx; }
   if (y0_in && x1_in) { c.row[1] = static_cast<int32_t>(base + 1);     c.w[1] = hy * lx; }

@@ -136,6 +136,29 @@ def test_locations_on_and_outside_the_border():
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
+def _check_far_edge(backend, device="cpu"):
+    """x = 1 + 0.5/W puts the sample point exactly on ix = W, which floors to a corner one past
+    the level's last column (or, for y, past its last row: into the next level). grid_sample
+    gives zero there; reading that corner would return the next row's or level's values, and
+    the backward would write there."""
+    shapes = [(4, 4), (2, 2)]
+    value, ss, lsi, _, attn = make_inputs(1, 3, 1, 6, shapes, 1, device=device)
+    loc = torch.tensor([[1 + 0.5 / 4, 0.3], [0.3, 1 + 0.5 / 4], [1 + 0.5 / 4, 1 + 0.5 / 4]],
+                       dtype=torch.float64)
+    # level 0 gets the edge points, level 1 an ordinary one
+    loc = torch.stack([loc, torch.full_like(loc, 0.4)], 1).reshape(1, 3, 1, 2, 1, 2).to(device)
+    grad_out = torch.randn(1, 3, 6, dtype=torch.float64).to(device)
+    out, grads = run(backend, value, ss, lsi, loc, attn, grad_out=grad_out)
+    ref, ref_grads = run("reference", value, ss, lsi, loc, attn, grad_out=grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0], ref_grads[0], rtol=1e-12, atol=1e-12)
+
+
+@needs_native
+def test_location_exactly_half_a_cell_past_the_far_edge():
+    _check_far_edge("native")
+
+
 @needs_native
 def test_far_and_non_finite_locations_sample_zeros():
     value, ss, lsi, loc, attn = make_inputs(1, 2, 1, 4, [(3, 3)], 3)
@@ -479,3 +502,7 @@ def test_cuda_device_mix_is_an_error():
     value, ss, lsi, loc, attn = make_inputs(1, 2, 1, 4, [(2, 2)], 1, dtype=torch.float32)
     with pytest.raises(ValueError, match="sampling_locations is on cpu"):
         ops.ms_deform_attn(value.cuda(), ss.cuda(), lsi.cuda(), loc, attn.cuda())
+
+
+def test_triton_far_edge(triton_device):
+    _check_far_edge("triton", triton_device)

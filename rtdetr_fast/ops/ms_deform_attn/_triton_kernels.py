@@ -38,10 +38,11 @@ def _corners(loc, attn, shapes, starts, r, rmask, S, l: tl.constexpr, j, NP: tl.
     ly = iy - fy
     x0 = fx.to(tl.int64)
     y0 = fy.to(tl.int64)
-    x0_in = inside & (x0 >= 0)
-    x1_in = inside & (x0 + 1 < lw)
-    y0_in = y0 >= 0
-    y1_in = y0 + 1 < lh
+    # ix == W (iy == H) exactly floors to a corner past the level: check both bounds
+    x0_in = inside & (x0 >= 0) & (x0 < lw)
+    x1_in = inside & (x0 + 1 >= 0) & (x0 + 1 < lw)
+    y0_in = (y0 >= 0) & (y0 < lh)
+    y1_in = (y0 + 1 >= 0) & (y0 + 1 < lh)
     base = ls + y0 * lw + x0
     return lh, lw, a, lx, ly, base, x0_in & y0_in, x1_in & y0_in, x0_in & y1_in, x1_in & y1_in
 
