@@ -37,6 +37,11 @@ run python -m pytest -q -rs tests/ops -k "cuda or gpu" || status=1
 run python -m pytest -q benchmarks/ops/bench_ms_deform_attn.py -k cuda \
   --benchmark-json="$JSON" --benchmark-columns=min,mean,median,stddev --benchmark-sort=name \
   || status=1
+# the other ops' GPU benchmarks: raw numbers into the log and their own JSON files
+run python -m pytest -q benchmarks/ops/bench_topk_select.py -k cuda \
+  --benchmark-json="${OUT}-topk_select.json" --benchmark-columns=min,median || status=1
+run python -m pytest -q benchmarks/ops/bench_rep_conv.py -k "not cpu" \
+  --benchmark-json="${OUT}-rep_conv.json" --benchmark-columns=min,median || status=1
 python - "$JSON" "$OUT.md" "$GPU" <<'PY' 2>&1 | tee -a "$LOG"
 import json, sys, collections
 src, dst, gpu = sys.argv[1:]

@@ -306,9 +306,14 @@ class Trainer:
     def fit(self) -> List[Dict]:
         """Train from ``self.epoch`` to ``cfg.epochs``: last.pth every epoch, best.pth on the
         best ``best_metric``. Returns the epoch records."""
+        return self.fit_epochs(self.cfg.epochs - self.epoch)
+
+    def fit_epochs(self, n: int) -> List[Dict]:
+        """Train ``n`` more epochs (at most up to ``cfg.epochs``), as :meth:`fit` does."""
         out = self.cfg.output_dir
         epochs = []
-        while self.epoch < self.cfg.epochs:
+        stop = min(self.epoch + n, self.cfg.epochs)
+        while self.epoch < stop:
             train_stats = self.train_one_epoch()
             self.epoch += 1
             record = {"type": "epoch", "epoch": self.epoch, "step": self.step,
