@@ -61,7 +61,9 @@ def run_bench(preset: str = "rtdetr_r18vd", size: int = 640, batch: int = 1,
     with torch.inference_mode():
         for name, case in _op_cases(dev, batch).items():
             op = name.split()[0]
-            for be in ops.available_backends(dev, op):
+            # Triton on CPU is its interpreter, far too slow to time
+            for be in [b for b in ops.available_backends(dev, op)
+                       if not (b == "triton" and dev.type == "cpu")]:
                 with ops.backend(be):
                     rows.append((name, be, _time(case, dev, repeats)))
         model = RTDETR.from_name(preset, **(set_overrides or {})).to(dev).eval()

@@ -6,7 +6,8 @@ looked up the first time an op runs or :func:`available_backends` is asked.
 
 Selection, in order: the innermost ``with ops.backend(name)``, then the environment variable
 ``RTDETR_FAST_BACKEND``, then ``auto`` (native, then triton, then reference, taking the first
-that has the op for the tensor's device). A forced backend that cannot run the op raises; it
+that has the op for the tensor's device; Triton on CPU tensors, i.e. its interpreter under
+``TRITON_INTERPRET=1``, runs only when forced). A forced backend that cannot run the op raises; it
 never falls back silently.
 """
 from __future__ import annotations
@@ -148,6 +149,9 @@ def _select(op: str, device_type: str) -> Callable:
                                f"(available: {available_backends(device_type, op)})")
         return fn
     for candidate in BACKENDS:
+        # Triton on CPU tensors is its interpreter: a verification tool, never picked by auto
+        if candidate == "triton" and device_type == "cpu":
+            continue
         if candidate in impls and impls[candidate][1](device_type):
             return impls[candidate][0]
     raise RuntimeError(f"no backend can run {op} on {device_type}")
