@@ -506,3 +506,19 @@ def test_cuda_device_mix_is_an_error():
 
 def test_triton_far_edge(triton_device):
     _check_far_edge("triton", triton_device)
+
+
+@needs_native
+@pytest.mark.skipif(os.environ.get("RTDETR_FAST_NO_AVX2") == "1", reason="this is the child")
+def test_native_cpu_baseline_kernels():
+    """The CPU kernels exist twice (baseline x86-64 and AVX2+FMA, chosen at run time): the
+    native tests run again in a child process forced onto the baseline build."""
+    env = dict(os.environ, RTDETR_FAST_NO_AVX2="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
+         "-k", "native and not triton and not cuda and not baseline"],
+        env=env, capture_output=True, text=True, timeout=900)
+    tail = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout.strip().splitlines()[-1], tail
+
