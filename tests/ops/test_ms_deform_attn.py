@@ -64,6 +64,17 @@ def run(backend, value, ss, lsi, loc, attn, grad_out=None, **kw):
     return out.detach(), grads
 
 
+def backward_twice_deterministic(inputs, grad_out, backend="native"):
+    """The gradients of two identical backward runs with deterministic algorithms on."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return (run(backend, *inputs, grad_out=grad_out)[1],
+                run(backend, *inputs, grad_out=grad_out)[1])
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
 def assert_tied(out, ref64, ref_same, atol, what=""):
     """|out - ref64| <= 2 * |torch in the same dtype - ref64| + atol (house rule 5)."""
     out, ref64, ref_same = out.double().cpu(), ref64.double().cpu(), ref_same.double().cpu()
@@ -260,13 +271,7 @@ def test_autocast_promotes_mixed_dtypes():
 def test_cpu_backward_deterministic():
     inputs = make_inputs(2, 64, 4, 16, [(8, 8), (4, 4)], 4, dtype=torch.float32, lo=0.3, hi=0.4)
     grad_out = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(0))
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        first = run("native", *inputs, grad_out=grad_out)[1]
-        second = run("native", *inputs, grad_out=grad_out)[1]
-    finally:
-        torch.use_deterministic_algorithms(prev)
+    first, second = backward_twice_deterministic(inputs, grad_out)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -438,13 +443,7 @@ def test_cuda_deterministic_backward_bit_identical(dtype):
     # many queries on a small map: every value element takes thousands of atomics
     inputs = make_inputs(2, 500, 8, 32, [(8, 8), (4, 4), (2, 2)], 4, dtype=dtype, device="cuda")
     grad_out = torch.randn(2, 500, 256, device="cuda").to(dtype)
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        first = run("native", *inputs, grad_out=grad_out)[1]
-        second = run("native", *inputs, grad_out=grad_out)[1]
-    finally:
-        torch.use_deterministic_algorithms(prev)
+    first, second = backward_twice_deterministic(inputs, grad_out)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     # and the deterministic sum is as accurate as the atomic one
