@@ -141,15 +141,14 @@ def _fit_with_budget(trainer, budget: Optional[float], t_start: float, log):
     """Epochs until the configured count, or until the time budget would be exceeded."""
     while trainer.epoch < trainer.cfg.epochs:
         t0 = time.perf_counter()
-        remaining = trainer.cfg.epochs - trainer.epoch
         records = trainer.fit_epochs(1)
         yield from records
         per_epoch = time.perf_counter() - t0
         r = records[-1]
         log(f"demo: epoch {r['epoch']}/{trainer.cfg.epochs} loss {r['train_loss']:.3f} "
             f"({per_epoch:.0f} s)" + (f", AP50 {r['eval_AP50']:.3f}" if "eval_AP50" in r else ""))
-        if budget is not None and time.perf_counter() - t_start + per_epoch > budget \
-                and remaining > 1:
+        if (budget is not None and trainer.epoch < trainer.cfg.epochs
+                and time.perf_counter() - t_start + per_epoch > budget):
             log(f"demo: stopping early to stay within the {budget:.0f} s budget")
             break
 

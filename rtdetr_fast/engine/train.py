@@ -266,7 +266,6 @@ class Trainer:
             total = len(self.train_loader)
             if self.cfg.max_steps_per_epoch:
                 total = min(total, self.cfg.max_steps_per_epoch)
-        it = self.train_loader
         bar = None
         if self.cfg.progress and self.main:
             from tqdm import tqdm
@@ -276,7 +275,7 @@ class Trainer:
         sums: Dict[str, float] = {}
         n = 0
         t0 = time.perf_counter()
-        for images, targets in it:
+        for images, targets in self.train_loader:
             stats = self.train_step(images, targets)
             n += 1
             for k, v in stats.items():

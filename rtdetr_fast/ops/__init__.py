@@ -103,8 +103,8 @@ def _check_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_loc
     # shapes and starts are read on the host; they are small and usually live there already.
     # Reading a CUDA tensor synchronises, which a CUDA graph capture forbids: the kernels then
     # bound every read by S instead.
-    if not _is_compiling() and not (spatial_shapes.is_cuda and
-                                    torch.cuda.is_current_stream_capturing()):
+    capturing = spatial_shapes.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not _backend._is_compiling() and not capturing:
         shapes = spatial_shapes.tolist()
         starts = level_start_index.tolist()
         expect, total = [], 0
@@ -130,13 +130,6 @@ def _pad_points(sampling_locations, attention_weights, num_points_list):
     loc = torch.stack([torch.nn.functional.pad(t, (0, 0, 0, P - t.shape[3])) for t in locs], 3)
     w = torch.stack([torch.nn.functional.pad(t, (0, P - t.shape[3])) for t in weights], 3)
     return loc, w
-
-
-def _is_compiling() -> bool:
-    try:
-        return torch.compiler.is_compiling()
-    except AttributeError:  # pragma: no cover - older torch
-        return False
 
 
 def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor,

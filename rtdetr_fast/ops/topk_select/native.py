@@ -19,7 +19,8 @@ from typing import List, Sequence, Tuple
 import torch
 
 from .. import _backend
-from .reference import _rank
+# the gathers and the post-processing epilogue are the reference's own, shared by every backend
+from .reference import _rank, detections_epilogue, gather_rows  # noqa: F401
 
 
 # -- shared by the native and triton backends ------------------------------------------------
@@ -58,23 +59,6 @@ def detections_fake(scores, boxes, image_sizes, k):
     B = scores.shape[0]
     return (scores.new_empty(B, k), scores.new_empty(B, k, dtype=torch.int64),
             boxes.new_empty(B, k, 4))
-
-
-def gather_rows(idx: torch.Tensor, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """t[b, idx[b, j]] for each [B, N, *] tensor: differentiable torch gathers."""
-    return [t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(
-        -1, -1, *t.shape[2:])) for t in tensors]
-
-
-def detections_epilogue(scores, idx, boxes, image_sizes, C):
-    """labels and xyxy pixel boxes from flat (query, class) indices, as the reference."""
-    labels = idx % C
-    b = boxes.gather(1, (idx // C).unsqueeze(-1).expand(-1, -1, 4))
-    cx, cy, w, h = b.unbind(-1)
-    xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-    hw = image_sizes.to(xyxy.dtype)
-    scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1).unsqueeze(1)
-    return scores, labels, xyxy * scale
 
 
 # -- the native backend ------------------------------------------------------------------------

@@ -23,13 +23,29 @@ def _rank(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return scores.gather(1, idx), idx
 
 
+def gather_rows(idx: torch.Tensor, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """t[b, idx[b, j]] for each [B, N, *] tensor: differentiable torch gathers."""
+    return [t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(
+        -1, -1, *t.shape[2:])) for t in tensors]
+
+
+def detections_epilogue(scores: torch.Tensor, idx: torch.Tensor, boxes: torch.Tensor,
+                        image_sizes: torch.Tensor, C: int):
+    """Labels and xyxy pixel boxes from flat (query, class) indices [B,K]."""
+    labels = idx % C
+    b = boxes.gather(1, (idx // C).unsqueeze(-1).expand(-1, -1, 4))
+    cx, cy, w, h = b.unbind(-1)
+    xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+    hw = image_sizes.to(xyxy.dtype)
+    scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1).unsqueeze(1)
+    return scores, labels, xyxy * scale
+
+
 def topk_select_reference(logits: torch.Tensor, k: int, tensors: Sequence[torch.Tensor] = ()
                           ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
     """logits [B,N,C] -> (scores [B,K] = max over C, indices [B,K] int64, [t[b, idx] for t])."""
     scores, idx = _rank(logits.amax(dim=-1), k)
-    gathered = [t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(
-        -1, -1, *t.shape[2:])) for t in tensors]
-    return scores, idx, gathered
+    return scores, idx, gather_rows(idx, tensors)
 
 
 def topk_detections_reference(logits: torch.Tensor, boxes: torch.Tensor,
@@ -37,13 +53,5 @@ def topk_detections_reference(logits: torch.Tensor, boxes: torch.Tensor,
                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [B,Q,C], boxes [B,Q,4] cxcywh in [0,1], image_sizes [B,2] as (H, W) ->
     scores [B,K] (sigmoid), labels [B,K] int64, boxes [B,K,4] xyxy in pixels."""
-    B, Q, C = logits.shape
     scores, flat = _rank(torch.sigmoid(logits.flatten(1)), k)
-    labels = flat % C
-    query = flat // C
-    b = boxes.gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
-    cx, cy, w, h = b.unbind(-1)
-    xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-    hw = image_sizes.to(xyxy.dtype)
-    scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1).unsqueeze(1)
-    return scores, labels, xyxy * scale
+    return detections_epilogue(scores, flat, boxes, image_sizes, logits.shape[-1])
