@@ -2,8 +2,11 @@
 // kernel of topk_select_cuda.cu. Compiled only into CUDA builds.
 #ifdef RTDETR_FAST_WITH_CUDA
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -46,7 +49,9 @@ int dtype_code(at::ScalarType t) {
 // each (shared memory), and never chunks so small that merging G*K candidates costs more
 // than the chunks
 void plan(Params& p, int64_t B, int64_t N) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                        c10::cuda::current_device()));
   int64_t g = std::max<int64_t>(1, (2 * sms) / std::max<int64_t>(B, 1));
   g = std::min<int64_t>(g, std::max<int64_t>(1, N / std::max<int64_t>(4 * p.K, 1024)));
   g = std::max<int64_t>(g, (N + kMaxChunk - 1) / kMaxChunk);
@@ -64,7 +69,7 @@ void run(Params& p, const at::Tensor& logits, int64_t B, int64_t N) {
     p.counters = reinterpret_cast<unsigned int*>(counters.data_ptr<int>());
   }
   const cudaError_t err = launch_topk(p, dtype_code(logits.scalar_type()), B,
-                                      at::cuda::getCurrentCUDAStream());
+                                      c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "topk kernel launch failed: ", cudaGetErrorString(err));
 }
 
