@@ -195,8 +195,7 @@ def load_pretrained(cls, path, num_classes: Optional[int] = None, name: Optional
                 sd[k] = torch.zeros_like(v)
     load_state_dict_strict(model, sd, repr(path))
     if num_classes is not None and num_classes != config.num_classes:
-        model.decoder.reset_class_heads(num_classes)
-        model.config = dataclasses.replace(model.config, num_classes=num_classes)
+        model.reset_classes(num_classes)
     return model
 
 

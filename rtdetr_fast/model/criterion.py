@@ -54,9 +54,12 @@ class RTDETRCriterion(nn.Module):
         tgt_labels = torch.cat([t["labels"][j.to(device)] for t, (_, j) in zip(targets, indices)])
         iou, giou = elementwise_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes))
 
-        classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=device)
+        # the class count comes from the logits, so the loss follows class heads re-initialised
+        # for another class count (fine-tuning) whatever ``self.num_classes`` says
+        num_classes = logits.shape[-1]
+        classes = torch.full(logits.shape[:2], num_classes, dtype=torch.int64, device=device)
         classes[b, q] = tgt_labels
-        one_hot = F.one_hot(classes, self.num_classes + 1)[..., :-1].to(logits.dtype)
+        one_hot = F.one_hot(classes, num_classes + 1)[..., :-1].to(logits.dtype)
         score = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=device)
         score[b, q] = iou.detach()
         vfl = varifocal_loss(logits, score.unsqueeze(-1) * one_hot, one_hot, num_boxes,

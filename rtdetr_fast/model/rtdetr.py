@@ -88,6 +88,17 @@ class RTDETR(nn.Module):
     def deployed(self) -> bool:
         return any(m.deployed for m in self.modules() if isinstance(m, RepVggBlock))
 
+    def reset_classes(self, num_classes: int) -> "RTDETR":
+        """Re-initialise every class-dependent part for ``num_classes`` (fine-tuning to another
+        class count): the decoder's class heads and denoising embedding, the loss and the
+        config. Everything else keeps its weights."""
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        self.decoder.reset_class_heads(num_classes)
+        self.criterion = RTDETRCriterion(num_classes, matcher=self.criterion.matcher)
+        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+        return self
+
     # ----------------------------------------------------------------------------- forward
     @staticmethod
     def _check_images(images: Any) -> None:
