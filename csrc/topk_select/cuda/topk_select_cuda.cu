@@ -19,12 +19,11 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "common/cuda_launch.cuh"
+#include "topk_select/cuda/topk_select_cuda.h"
+
 namespace rtdetr_fast {
 namespace topk {
-
-constexpr int kThreads = 512;
-constexpr int kMaxChunk = 4096;  // anchors per CTA: 16 KB of order keys in shared memory
-constexpr int kMaxK = 2048;      // selected keys sorted in shared memory: 16 KB
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -139,23 +138,6 @@ __device__ __forceinline__ void store_any(void* p, int dtype, int64_t i, float x
     static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x);
 }
 
-struct Params {
-  const void* logits;  // [B, N, C]
-  int64_t N, C;
-  int K, G, chunk;
-  unsigned long long* workspace;  // [B, G, K]
-  unsigned int* counters;         // [B], zero before the first launch; left zero
-  void* scores;                   // [B, K], logits dtype
-  int64_t* indices;               // [B, K] (null for detections)
-  // detection epilogue (boxes == null for query selection)
-  const void* boxes;  // [B, Q, 4] cxcywh
-  int box_dtype;
-  const int64_t* sizes;  // [B, 2] (H, W)
-  int64_t* labels;       // [B, K]
-  void* xyxy;            // [B, K, 4], boxes dtype
-  int64_t C_det, Q_det;
-};
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads) topk_kernel(Params p) {
   __shared__ Shared s;
@@ -265,15 +247,14 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(Params p) {
   }
 }
 
-// dtype: 0 float32, 1 float16, 2 bfloat16
 cudaError_t launch_topk(const Params& p, int dtype, int64_t B, cudaStream_t stream) {
   const dim3 grid(p.G, static_cast<unsigned int>(B));
   if (dtype == 0)
-    topk_kernel<float><<<grid, kThreads, 0, stream>>>(p);
+    RTDETR_LAUNCH(grid, kThreads, 0, stream, topk_kernel<float>)(p);
   else if (dtype == 1)
-    topk_kernel<__half><<<grid, kThreads, 0, stream>>>(p);
+    RTDETR_LAUNCH(grid, kThreads, 0, stream, topk_kernel<__half>)(p);
   else
-    topk_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p);
+    RTDETR_LAUNCH(grid, kThreads, 0, stream, topk_kernel<__nv_bfloat16>)(p);
   return cudaGetLastError();
 }
 

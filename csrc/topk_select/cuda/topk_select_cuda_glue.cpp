@@ -11,6 +11,8 @@
 
 #include <algorithm>
 
+#include "topk_select/cuda/topk_select_cuda.h"
+
 namespace rtdetr_fast {
 namespace topk {
 
@@ -18,28 +20,7 @@ void check_select(const at::Tensor& logits, int64_t k);
 void check_detections(const at::Tensor& scores, const at::Tensor& boxes,
                       const at::Tensor& image_sizes, int64_t k);
 
-// mirror of the kernel's Params and launcher (topk_select_cuda.cu)
-struct Params {
-  const void* logits;
-  int64_t N, C;
-  int K, G, chunk;
-  unsigned long long* workspace;
-  unsigned int* counters;
-  void* scores;
-  int64_t* indices;
-  const void* boxes;
-  int box_dtype;
-  const int64_t* sizes;
-  int64_t* labels;
-  void* xyxy;
-  int64_t C_det, Q_det;
-};
-cudaError_t launch_topk(const Params& p, int dtype, int64_t B, cudaStream_t stream);
-
 namespace {
-
-constexpr int kMaxChunk = 4096;
-constexpr int64_t kMaxK = 2048;
 
 int dtype_code(at::ScalarType t) {
   return t == at::kFloat ? 0 : t == at::kHalf ? 1 : 2;
