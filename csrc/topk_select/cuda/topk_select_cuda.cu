@@ -81,6 +81,10 @@ __device__ void radix_select(Shared& s, GetKey get, int n, int kk) {
     }
     __syncthreads();
     if (tid < 32) {
+      // every lane reads the count still needed BEFORE the scan's shuffles: the lane that
+      // owns the selected bin rewrites it below, and a lane reading it after that write
+      // (lanes of a warp are not in lockstep) could match a second bin and select too many
+      const uint32_t rem = static_cast<uint32_t>(s.remaining);
       // lane l owns digits 255-8l ... 248-8l, so lanes in order walk the digits downwards
       uint32_t c[8], sum = 0;
 #pragma unroll
@@ -95,7 +99,6 @@ __device__ void radix_select(Shared& s, GetKey get, int n, int kk) {
         if (tid >= o) incl += v;
       }
       uint32_t before = incl - sum;
-      const uint32_t rem = static_cast<uint32_t>(s.remaining);
       if (before < rem && incl >= rem) {
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
