@@ -1,8 +1,10 @@
 """``rtdetr-fast``: the command line. The only place argparse lives.
 
 Verbs: train, eval, predict, bench, info, demo. Model options take a preset and ``key=value``
-overrides (``--set num_queries=100 decoder.num_points=2``). Errors a user can fix (a missing
-dataset, a wrong path, an unknown preset) are one line on stderr and exit status 2.
+overrides (``--set num_queries=100 decoder.num_points=2``). A checkpoint brings its own model
+config (preset, queries, input size, category names); flags given explicitly win over it.
+Errors a user can fix (a missing dataset, a wrong path, an unknown preset, a checkpoint that
+does not fit) are one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -40,17 +42,68 @@ def _device(name: str):
     return dev
 
 
-def _build_model(args, num_classes: Optional[int] = None):
+DEFAULT_PRESET = "rtdetr_r18vd"
+DEFAULT_SIZE = 640
+
+
+def _parse_names(text: Optional[str]) -> Optional[List[str]]:
+    """``--names``: comma-separated category names, or a file with one name per line."""
+    if not text:
+        return None
+    if os.path.isfile(text):
+        with open(text, encoding="utf-8") as f:
+            names = [line.strip() for line in f if line.strip()]
+    else:
+        names = [n.strip() for n in text.split(",")]
+    if not names or not all(names):
+        raise ValueError(f"--names {text!r}: expected comma-separated names or a file with one "
+                         "name per line")
+    return names
+
+
+def _check_overrides(args) -> None:
+    """Unknown keys and values of the wrong type in ``--set``, before any slow work."""
+    from .config import get_config
+
+    for key, value in _parse_overrides(args.set).items():
+        try:
+            get_config(DEFAULT_PRESET, 80, **{key: value})
+        except ValueError as exc:
+            if str(exc).startswith(("unknown override", "override ")):
+                raise
+
+
+def _build_model(args, num_classes: Optional[int] = None, checkpoint: Optional[str] = None,
+                 class_names=None, category_ids=None):
+    """A model from ``--checkpoint`` (its saved config, explicit flags winning) or from
+    ``--preset``. ``num_classes`` different from the checkpoint's re-initialises the class
+    heads (fine-tuning); ``class_names``/``category_ids`` are recorded in the model."""
     from . import RTDETR
 
     overrides = _parse_overrides(args.set)
     if getattr(args, "size", None):
+        if args.size < 32:
+            raise ValueError(f"--size must be at least 32, got {args.size}")
         overrides.setdefault("eval_spatial_size", (args.size, args.size))
-    if args.checkpoint:
-        model = RTDETR.from_pretrained(args.checkpoint, num_classes=num_classes, **overrides)
+    checkpoint = checkpoint or args.checkpoint
+    if checkpoint:
+        model = RTDETR.from_pretrained(checkpoint, num_classes=num_classes, name=args.preset,
+                                       **overrides)
     else:
-        model = RTDETR.from_name(args.preset, num_classes=num_classes or args.num_classes,
-                                 **overrides)
+        overrides.setdefault("eval_spatial_size", (DEFAULT_SIZE, DEFAULT_SIZE))
+        model = RTDETR.from_name(args.preset or DEFAULT_PRESET,
+                                 num_classes=num_classes or getattr(args, "num_classes", None)
+                                 or 80, **overrides)
+    names = _parse_names(getattr(args, "names", None))
+    if names is not None:
+        class_names = names
+    if class_names is not None or category_ids is not None:
+        if class_names is not None and len(class_names) != model.num_classes:
+            raise ValueError(f"{len(class_names)} category names for a model of "
+                             f"{model.num_classes} classes")
+        model.set_categories(class_names if class_names is not None else model.config.class_names,
+                             category_ids if category_ids is not None
+                             else model.config.category_ids)
     if getattr(args, "deploy", False):
         model.deploy()
     return model.to(_device(args.device))
@@ -63,23 +116,118 @@ def cmd_info(args) -> int:
     return 0
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+
+
+def expand_image_inputs(items: List[str]) -> List[str]:
+    """Files, folders (their image files, sorted) and glob patterns -> image paths, in order,
+    without repeats. A path that does not exist and matches nothing is an error."""
+    import glob
+
+    out: List[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, f) for f in os.listdir(item)
+                           if f.lower().endswith(IMAGE_EXTENSIONS)
+                           and os.path.isfile(os.path.join(item, f)))
+            if not found:
+                raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in "
+                                        f"folder {item!r}")
+        elif os.path.isfile(item):
+            found = [item]
+        else:
+            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise FileNotFoundError(f"no image file, folder or glob match at {item!r}")
+        out.extend(p for p in found if p not in out)
+    return out
+
+
+def unique_output_names(paths: List[str], suffix: str = "_det.png") -> List[str]:
+    """One output file name per input; inputs that share a file name get their parent
+    folder's name in front (then a counter), so no output overwrites another."""
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    counts = {}
+    for stem in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    used, out = set(), []
+    for path, stem in zip(paths, stems):
+        if counts[stem] > 1:
+            parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+            stem = f"{parent}_{stem}" if parent else stem
+        name, k = stem + suffix, 1
+        while name in used:
+            k += 1
+            name = f"{stem}_{k}{suffix}"
+        used.add(name)
+        out.append(name)
+    return out
+
+
 def cmd_predict(args) -> int:
-    from .visualize import draw_detections
+    import json
 
+    from .data.images import load_image
+    from .visualize import detections_to_records, draw_detections
+
+    _check_overrides(args)
+    if args.checkpoint and not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"no checkpoint at {args.checkpoint!r}")
+    paths = expand_image_inputs(args.images)
+    if not args.checkpoint:
+        raise ValueError("predict needs --checkpoint (a .pth written by train, an official "
+                         ".pth, or a save_pretrained / Hugging Face folder)")
     model = _build_model(args).eval()
+    names = model.class_names
+    cat_ids = list(model.config.category_ids) or list(range(model.num_classes))
     os.makedirs(args.out, exist_ok=True)
-    for path in args.images:
-        det = model.predict(path, threshold=args.threshold)[0]
-        name = os.path.splitext(os.path.basename(path))[0] + "_det.png"
-        draw_detections(path, det).save(os.path.join(args.out, name))
-        print(f"{path}: {len(det['scores'])} detections -> {os.path.join(args.out, name)}")
-    return 0
+    records, failed = [], 0
+    for image_id, (path, png) in enumerate(zip(paths, unique_output_names(paths)), start=1):
+        try:
+            image = load_image(path)
+        except (ValueError, OSError) as exc:
+            failed += 1
+            print(f"rtdetr-fast predict: warning: skipping {path}: {str(exc).splitlines()[0]}",
+                  file=sys.stderr)
+            continue
+        det = model.predict(image, threshold=args.threshold)[0]
+        out_png = os.path.join(args.out, png)
+        draw_detections(image, det, class_names=names).save(out_png)
+        records.extend(detections_to_records(det, image_id, path, names, cat_ids,
+                                             image_size=tuple(image.shape[-2:])))
+        print(f"{path}: {len(det['scores'])} detections -> {out_png}")
+    json_path = os.path.join(args.out, "detections.json")
+    with open(json_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(records, f, indent=1)
+    os.replace(json_path + ".tmp", json_path)
+    print(f"{len(paths) - failed} images, {len(records)} detections (score >= {args.threshold})"
+          f" -> {json_path}" + (f"; {failed} unreadable images skipped" if failed else ""))
+    return 0 if failed < len(paths) else 1
 
 
-def _datasets(args):
+def _checkpoint_size(path: Optional[str]):
+    """The input size saved in a checkpoint's config, or None."""
+    if not path:
+        return None
+    from .model.checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        if os.path.isdir(path):
+            import json
+
+            with open(os.path.join(path, "config.json")) as f:
+                cfg = json.load(f).get("rtdetr_fast") or {}
+        else:
+            cfg = read_checkpoint(path)[1] or {}
+    except (OSError, ValueError, CheckpointError):
+        return None
+    size = cfg.get("eval_spatial_size")
+    return tuple(size) if size else None
+
+
+def _datasets(args, size):
     from .engine.recipes import coco_datasets
 
-    size = (args.size, args.size)
     return coco_datasets(args.data, size, augment=args.augment)
 
 
@@ -91,17 +239,51 @@ def cmd_train(args) -> int:
     from .engine.train import TrainConfig, Trainer
     from .data.transforms import MultiScaleCollate, collate_fn
 
+    from .engine.train import scaled_schedule
+
+    _check_overrides(args)
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.resume and args.checkpoint:
+        raise ValueError("give --resume (continue a run) or --checkpoint (start from weights), "
+                         "not both")
     device = D.init_distributed(args.device)
-    train_ds, val_ds = _datasets(args)
-    model = _build_model(args, num_classes=train_ds.num_classes)
+    if args.amp != "none" and device.type == "cpu":
+        print(f"rtdetr-fast train: warning: --amp {args.amp} on a CPU is usually much slower "
+              "than float32 (--amp none)", file=sys.stderr)
+    # the input size: --size, else the checkpoint's, else 640
+    size = args.size or (_checkpoint_size(args.checkpoint or args.resume) or (DEFAULT_SIZE,) * 2)[0]
+    args.size = size
+    train_ds, val_ds = _datasets(args, (size, size))
+    if len(train_ds) == 0:
+        raise ValueError(f"the training set of {args.data!r} lists no images")
+    names = train_ds.class_names
+    if args.resume:
+        # the run's own model config; the class count must be the data set's
+        model = _build_model(args, checkpoint=args.resume)
+        if model.num_classes != train_ds.num_classes:
+            raise ValueError(f"cannot resume {args.resume!r}: it was trained for "
+                             f"{model.num_classes} classes, the data set has "
+                             f"{train_ds.num_classes}")
+        model.set_categories(_parse_names(args.names) or names, train_ds.label_to_cat_id)
+    else:
+        model = _build_model(args, num_classes=train_ds.num_classes, class_names=names,
+                             category_ids=train_ds.label_to_cat_id)
     collate = collate_fn
     if args.multi_scale:
-        sizes = [s for s in range(int(args.size * 0.75) // 32 * 32, int(args.size * 1.25) + 1, 32)]
+        sizes = [s for s in range(int(size * 0.75) // 32 * 32, int(size * 1.25) + 1, 32)]
         collate = MultiScaleCollate(sizes=sizes, stop_epoch=args.epochs - args.stop_aug_epochs)
     loader = make_loader(train_ds, args.batch_size, train=True, workers=args.workers,
                          collate=collate, seed=args.seed)
+    steps_per_epoch = len(loader) if not args.max_steps else min(len(loader), args.max_steps)
+    total = steps_per_epoch * args.epochs
+    sched = scaled_schedule(total)
+    if args.warmup_steps is not None:
+        sched["warmup_steps"] = args.warmup_steps
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, backbone_lr=args.backbone_lr,
-                      warmup_steps=args.warmup_steps, amp=args.amp, sync_bn=args.sync_bn,
+                      warmup_steps=sched["warmup_steps"], ema_decay=sched["ema_decay"],
+                      ema_warmups=sched["ema_warmups"], amp=args.amp, sync_bn=args.sync_bn,
                       output_dir=args.output_dir, ema=not args.no_ema,
                       max_steps_per_epoch=args.max_steps)
     evaluate_fn = coco_evaluate_fn(val_ds, args.batch_size, device, workers=args.workers,
@@ -109,34 +291,79 @@ def cmd_train(args) -> int:
     trainer = Trainer(model, loader, cfg, evaluate_fn=evaluate_fn, device=device)
     if args.resume:
         trainer.resume(args.resume)
+        if trainer.epoch >= cfg.epochs:
+            raise ValueError(f"nothing to train: {args.resume!r} has already trained "
+                             f"{trainer.epoch} epochs; pass --epochs larger than "
+                             f"{trainer.epoch} to train more")
+    if D.is_main_process():
+        print(f"training {model.config.name} ({model.num_classes} classes: "
+              f"{', '.join(model.class_names[:10])}{' ...' if model.num_classes > 10 else ''}) "
+              f"at {size}x{size} on {len(train_ds)} images: {args.epochs} epochs x "
+              f"{steps_per_epoch} steps of {args.batch_size}; warm-up {cfg.warmup_steps} steps, "
+              f"EMA decay {cfg.ema_decay:.4g}", file=sys.stderr)
     records = trainer.fit()
     if D.is_main_process() and records:
         last = records[-1]
         print(f"trained {trainer.epoch} epochs, {trainer.step} steps; last loss "
-              f"{last['train_loss']:.3f}; AP {last.get('eval_AP', float('nan')):.3f}; "
-              f"checkpoints in {cfg.output_dir}")
+              f"{last.get('train_loss', float('nan')):.3f}; AP "
+              f"{last.get('eval_AP', float('nan')):.3f}; checkpoints in {cfg.output_dir} "
+              f"(best.pth: the model for eval/predict; last.pth: to --resume)")
     D.cleanup()
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .engine.recipes import coco_evaluate_fn, find_coco_split
+    from .engine.evaluate import CocoEvaluator, evaluate
+    from .engine.recipes import find_coco_split, make_loader
     from .data.coco import CocoDetection
     from .data.transforms import eval_transforms
 
+    _check_overrides(args)
     images, ann = find_coco_split(args.data, args.split)
-    ds = CocoDetection(images, ann, transforms=eval_transforms((args.size, args.size)))
-    model = _build_model(args, num_classes=None if args.checkpoint else ds.num_classes)
-    stats = coco_evaluate_fn(ds, args.batch_size, _device(args.device))(model)
+    if not args.checkpoint:
+        raise ValueError("eval needs --checkpoint (a .pth written by train, an official .pth, "
+                         "or a save_pretrained / Hugging Face folder)")
+    model = _build_model(args)
+    size = tuple(model.config.eval_spatial_size)
+    ds = CocoDetection(images, ann, transforms=eval_transforms(size))
+    if model.num_classes != ds.num_classes:
+        raise ValueError(f"the checkpoint has {model.num_classes} classes, the {args.split} set "
+                         f"of {args.data!r} has {ds.num_classes}; evaluate on data with the "
+                         "same categories (or fine-tune with train --checkpoint first)")
+    # the checkpoint's label -> category id mapping when it names the same ids as the data
+    ids = list(model.config.category_ids)
+    mapping = ids if ids and set(ids) == set(ds.label_to_cat_id) else ds.label_to_cat_id
+    evaluator = CocoEvaluator(ds.coco, mapping)
+    loader = make_loader(ds, args.batch_size, train=False, workers=args.workers)
+    stats = evaluate(model, loader, _device(args.device), evaluator, progress=True)
     for k, v in stats.items():
         print(f"{k:<6} {v:.3f}")
+    per_class = evaluator.per_class_ap()
+    if per_class:
+        width = max(8, *(len(r["name"]) for r in per_class))
+        print(f"\n{'category':<{width}}  {'id':>4}  {'AP':>6}  {'AP50':>6}  {'objects':>7}")
+        for r in per_class:
+            print(f"{r['name']:<{width}}  {r['category_id']:>4}  {r['AP']:>6.3f}  "
+                  f"{r['AP50']:>6.3f}  {r['objects']:>7}")
+    if args.json:
+        import json
+
+        parent = os.path.dirname(args.json)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"checkpoint": args.checkpoint, "data": args.data, "split": args.split,
+                       "input_size": list(size), "metrics": stats, "per_class": per_class},
+                      f, indent=2)
+        print(f"wrote {args.json}")
     return 0
 
 
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
-    run_bench(preset=args.preset, size=args.size, batch=args.batch, device=args.device,
+    run_bench(preset=args.preset or DEFAULT_PRESET, size=args.size or DEFAULT_SIZE,
+              batch=args.batch, device=args.device,
               repeats=args.repeats, set_overrides=_parse_overrides(args.set))
     return 0
 
@@ -151,85 +378,151 @@ def cmd_demo(args) -> int:
     return 0 if summary["metrics"] else 1
 
 
+def cmd_export(args) -> int:
+    from .export_cli import run_export
+
+    return run_export(args, _build_model)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (None, off switches)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)parser shows defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import list_presets
 
-    p = argparse.ArgumentParser(prog="rtdetr-fast", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="rtdetr-fast", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def model_args(sp, size=640):
-        sp.add_argument("--preset", default="rtdetr_r18vd", choices=list_presets())
-        sp.add_argument("--checkpoint", help="official .pth, HF folder or save_pretrained folder")
-        sp.add_argument("--num-classes", type=int, default=80)
-        sp.add_argument("--device", default="cpu")
-        sp.add_argument("--size", type=int, default=size, help="square input size")
+    def model_args(sp, size=DEFAULT_SIZE):
+        sp.add_argument("--preset", default=None, choices=list_presets(),
+                        help=f"model preset (default: {DEFAULT_PRESET}, or the checkpoint's; a "
+                             "preset other than the checkpoint's is an error)")
+        sp.add_argument("--checkpoint",
+                        help="weights to start from: a .pth written by train (best.pth, "
+                             "last.pth), an official RT-DETR .pth, a save_pretrained folder or a "
+                             "Hugging Face folder; its saved config (queries, input size, "
+                             "category names) is used")
+        sp.add_argument("--num-classes", type=int, default=None,
+                        help="class count of a model without checkpoint (default: 80)")
+        sp.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+        sp.add_argument("--size", type=int, default=None,
+                        help=f"square input size in pixels (default: the checkpoint's, else "
+                             f"{size})")
         sp.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. num_queries=100")
+                        help="model config overrides, e.g. num_queries=100 "
+                             "decoder.num_points=2 (they win over the checkpoint's config)")
 
     s = sub.add_parser("info", help="versions, extension build, backends per op and device")
     s.set_defaults(fn=cmd_info)
 
     s = sub.add_parser("predict", help="detect objects in images and write annotated PNGs")
-    s.add_argument("images", nargs="+")
-    s.add_argument("--out", default="outputs")
-    s.add_argument("--threshold", type=float, default=0.5)
-    s.add_argument("--deploy", action="store_true", help="fold RepConv blocks first")
+    s.add_argument("images", nargs="*", metavar="IMAGE",
+                   help="image files, folders (their images) or glob patterns ('data/*.jpg')")
+    s.add_argument("--out", default="outputs",
+                   help="folder for one <name>_det.png per image and detections.json")
+    s.add_argument("--threshold", type=float, default=0.5, help="keep detections scoring at least this")
+    s.add_argument("--names", help="category names, comma-separated or a file with one per "
+                                   "line (default: the names saved in the checkpoint)")
+    s.add_argument("--deploy", action="store_true", help="fold RepConv blocks first (faster)")
     model_args(s)
     s.set_defaults(fn=cmd_predict)
 
     s = sub.add_parser("train", help="train on a COCO-format dataset (torchrun for DDP)")
     s.add_argument("--data", required=True,
-                   help="COCO folder: train2017/ val2017/ (or train/ val/) + annotations/")
-    s.add_argument("--epochs", type=int, default=72)
-    s.add_argument("--batch-size", type=int, default=4)
-    s.add_argument("--lr", type=float, default=1e-4)
-    s.add_argument("--backbone-lr", type=float, default=1e-5)
-    s.add_argument("--warmup-steps", type=int, default=2000)
-    s.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    s.add_argument("--resume", help="a last.pth written by this command")
-    s.add_argument("--output-dir", default="outputs/train")
-    s.add_argument("--augment", choices=["official", "light", "none"], default="official")
-    s.add_argument("--multi-scale", action="store_true", help="random size per batch")
+                   help="COCO folder: train2017/ val2017/ (or train/ val/) + "
+                        "annotations/instances_{train,val}[2017].json")
+    s.add_argument("--epochs", type=int, default=72, help="epochs to train (in all, with --resume)")
+    s.add_argument("--batch-size", type=int, default=4, help="images per step (per GPU)")
+    s.add_argument("--lr", type=float, default=1e-4, help="learning rate of the encoder and decoder")
+    s.add_argument("--backbone-lr", type=float, default=1e-5, help="learning rate of the backbone")
+    s.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up steps (default: 5%% of the run's steps, at most 2000)")
+    s.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                   help="mixed precision (GPUs; slow on CPUs)")
+    s.add_argument("--resume", help="continue a run from its last.pth")
+    s.add_argument("--names", help="category names, comma-separated or a file with one per "
+                                   "line (default: the data set's category names)")
+    s.add_argument("--output-dir", default="outputs/train",
+                   help="where last.pth, best.pth and log.jsonl go")
+    s.add_argument("--augment", choices=["official", "light", "none"], default="official",
+                   help="train augmentation: the RT-DETR pipeline, photometric + flip, or none")
+    s.add_argument("--multi-scale", action="store_true", help="random input size per batch")
     s.add_argument("--stop-aug-epochs", type=int, default=2,
                    help="final epochs without multi-scale")
-    s.add_argument("--workers", type=int, default=2)
-    s.add_argument("--sync-bn", action="store_true")
-    s.add_argument("--no-ema", action="store_true")
+    s.add_argument("--workers", type=int, default=2, help="data loader processes")
+    s.add_argument("--sync-bn", action="store_true", help="synchronised batch norm (torchrun)")
+    s.add_argument("--no-ema", action="store_true", help="no weight EMA")
     s.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke runs)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="data order seed")
     model_args(s)
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("eval", help="COCO evaluation of a model on a dataset split")
-    s.add_argument("--data", required=True)
-    s.add_argument("--split", default="val", choices=["train", "val"])
-    s.add_argument("--batch-size", type=int, default=4)
+    s.add_argument("--data", required=True, help="COCO folder, as for train")
+    s.add_argument("--split", default="val", choices=["train", "val"], help="split to evaluate")
+    s.add_argument("--batch-size", type=int, default=4, help="images per batch")
+    s.add_argument("--workers", type=int, default=0, help="data loader processes")
+    s.add_argument("--json", help="also write the metrics and per-class AP to this JSON file")
     model_args(s)
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("bench", help="time the model and each op per backend")
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--batch", type=int, default=1, help="batch size")
+    s.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
     model_args(s)
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("demo", help="synthetic data, train, evaluate, draw: no download")
-    s.add_argument("--out", default="demo_output")
-    s.add_argument("--epochs", type=int, default=12)
-    s.add_argument("--num-train", type=int, default=400)
-    s.add_argument("--num-val", type=int, default=60)
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--out", default="demo_output", help="folder for data, checkpoints, PNGs")
+    s.add_argument("--epochs", type=int, default=12, help="training epochs")
+    s.add_argument("--num-train", type=int, default=400, help="generated training images")
+    s.add_argument("--num-val", type=int, default=60, help="generated held-out images")
+    s.add_argument("--batch-size", type=int, default=8, help="images per step")
     s.add_argument("--time-budget", type=float, default=None,
                    help="stop training early so the run ends within this many seconds")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    s.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_demo)
+
+    from .export_cli import add_export_parser
+
+    add_export_parser(sub, list_presets(), DEFAULT_PRESET).set_defaults(fn=cmd_export)
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"rtdetr-fast: warning: {str(message).splitlines()[0]}\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "images") and getattr(args, "set", None):
+        # `--set a=1 img.jpg`: --set takes every word after it; the images are the words
+        # that are not key=value
+        args.images = list(args.images) + [x for x in args.set if "=" not in x]
+        args.set = [x for x in args.set if "=" in x]
+    if hasattr(args, "images") and not args.images:
+        parser.error("predict: give at least one image file, folder or glob")
+    # warnings (a skipped image, ...) as one line without the source line, also in workers
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
     from .engine.train import TrainingDiverged
     from .model.checkpoint import CheckpointError
 

@@ -81,6 +81,10 @@ class RTDETRConfig:
     eval_spatial_size: Tuple[int, int] = (640, 640)
     # detections kept by the post-processor (top-K over queries x classes)
     num_top_queries: int = 300
+    # the data set's category names and COCO category ids, one per class (label i is
+    # class_names[i], category_ids[i]); empty when unknown
+    class_names: Tuple[str, ...] = ()
+    category_ids: Tuple[int, ...] = ()
 
     @property
     def feat_strides(self) -> Tuple[int, ...]:
@@ -154,6 +158,7 @@ def get_config(name: str, num_classes: int = 80, **overrides) -> RTDETRConfig:
     top = {"num_classes": num_classes}
     for key, value in overrides.items():
         value = _tupled(value)
+        _check_type(cfg, key, value)
         if "." in key:
             section, fname = key.split(".", 1)
             if section not in sections or fname not in _field_names(getattr(cfg, section)):
@@ -174,6 +179,30 @@ def get_config(name: str, num_classes: int = 80, **overrides) -> RTDETRConfig:
     cfg = dataclasses.replace(cfg, **top, **replaced)
     _validate(cfg)
     return cfg
+
+
+def _check_type(cfg: RTDETRConfig, key: str, value) -> None:
+    """A one-line error for an override whose value has the wrong type (``num_queries=abc``)."""
+    fname = key.split(".", 1)[-1]
+    holders = [getattr(cfg, key.split(".", 1)[0])] if "." in key else \
+        [cfg] + [getattr(cfg, s) for s in _SECTIONS]
+    for obj in holders:
+        if not dataclasses.is_dataclass(obj) or fname not in _field_names(obj) or fname in _SECTIONS:
+            continue
+        default = getattr(obj, fname)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, tuple):
+            ok = isinstance(value, tuple)
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ValueError(f"override {key}={value!r}: expected {type(default).__name__} "
+                             f"like {default!r}")
 
 
 def _field_names(obj) -> set:
@@ -198,3 +227,10 @@ def _validate(cfg: RTDETRConfig) -> None:
         raise ValueError(f"eval_idx {dec.eval_idx} out of range for {dec.num_decoder_layers} layers")
     if dec.num_queries < 1 or cfg.num_top_queries < 1:
         raise ValueError("num_queries and num_top_queries must be positive")
+    if len(cfg.eval_spatial_size) != 2 or min(cfg.eval_spatial_size) < 32:
+        raise ValueError(f"eval_spatial_size must be (H, W) of at least 32, got "
+                         f"{cfg.eval_spatial_size}")
+    for what in ("class_names", "category_ids"):
+        given = getattr(cfg, what)
+        if given and len(given) != cfg.num_classes:
+            raise ValueError(f"{len(given)} {what} given for {cfg.num_classes} classes")

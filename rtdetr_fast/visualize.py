@@ -1,32 +1,110 @@
 """Drawing detections onto images."""
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+           (0, 128, 128), (220, 190, 255), (170, 110, 40), (128, 0, 0), (170, 255, 195),
+           (128, 128, 0), (0, 0, 128), (128, 128, 128)]
+
+
+def class_color(label: int):
+    return PALETTE[int(label) % len(PALETTE)]
+
+
+def _text_color(rgb):
+    # black on light colours, white on dark ones (relative luminance)
+    r, g, b = rgb
+    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1)
+    except (TypeError, OSError, ImportError):  # older Pillow or no FreeType: the bitmap font
+        return ImageFont.load_default()
+
+
+def auto_scale(width: int, height: int, min_side: int = 480) -> float:
+    """An integer enlargement that brings a small image's shorter side to ``min_side`` or more,
+    so labels stay readable; 1 for images that are already that large."""
+    short = max(min(width, height), 1)
+    return float(max(1, -(-min_side // short))) if short < min_side else 1.0
+
+
 def draw_detections(image, det: Dict[str, torch.Tensor],
-                    class_names: Optional[Sequence[str]] = None, scale: float = 1.0):
-    """A PIL image with each box outlined and labelled ``name score``; ``scale`` enlarges
-    small images (boxes are in the original image's pixels)."""
+                    class_names: Optional[Sequence[str]] = None, scale: Optional[float] = None):
+    """A PIL image with each box outlined in its class colour and labelled ``name score`` on a
+    filled background, the label kept inside the image. ``det`` holds ``boxes`` [N,4] xyxy in
+    the original image's pixels, ``scores`` and ``labels``; boxes are clipped to the image.
+    ``scale`` enlarges the picture (default: small images are enlarged to about 480 pixels on
+    their shorter side)."""
     from PIL import Image, ImageDraw
 
     from .data.images import to_tensor_list
 
     t = to_tensor_list(image)[0]
-    img = Image.fromarray((t.permute(1, 2, 0).clamp(0, 1).numpy() * 255).astype(np.uint8))
+    img = Image.fromarray((t.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+    w0, h0 = img.size
+    if scale is None:
+        scale = auto_scale(w0, h0)
     if scale != 1.0:
-        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.NEAREST)
+        img = img.resize((round(w0 * scale), round(h0 * scale)), Image.BICUBIC)
+    W, H = img.size
     draw = ImageDraw.Draw(img)
-    palette = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-               (145, 30, 180), (70, 240, 240), (240, 50, 230)]
-    for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(),
-                                 det["labels"].tolist()):
-        color = palette[label % len(palette)]
-        name = class_names[label] if class_names and label < len(class_names) else str(label)
-        box = [v * scale for v in box]
-        draw.rectangle(box, outline=color, width=2)
-        draw.text((box[0] + 2, box[1] + 1), f"{name} {score:.2f}", fill=color)
+    font_size = max(12, round(min(W, H) / 32))
+    font = _font(font_size)
+    line = max(2, round(min(W, H) / 240))
+    pad = max(2, font_size // 5)
+    boxes = torch.as_tensor(det["boxes"]).reshape(-1, 4).tolist()
+    scores = torch.as_tensor(det["scores"]).reshape(-1).tolist()
+    labels = torch.as_tensor(det["labels"]).reshape(-1).tolist()
+    # the highest scores are drawn last, so their labels stay on top
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    for i in order:
+        label, score = int(labels[i]), scores[i]
+        x0, y0, x1, y1 = (v * scale for v in boxes[i])
+        x0, x1 = sorted((min(max(x0, 0), W - 1), min(max(x1, 0), W - 1)))
+        y0, y1 = sorted((min(max(y0, 0), H - 1), min(max(y1, 0), H - 1)))
+        color = class_color(label)
+        name = class_names[label] if class_names and 0 <= label < len(class_names) else str(label)
+        draw.rectangle([x0, y0, x1, y1], outline=color, width=line)
+        text = f"{name} {score:.2f}"
+        l, t_, r, b = draw.textbbox((0, 0), text, font=font)
+        tw, th = r - l + 2 * pad, b - t_ + 2 * pad
+        # above the box if there is room, else inside its top edge; always inside the image
+        lx = min(max(x0, 0), max(W - tw, 0))
+        ly = y0 - th if y0 - th >= 0 else y0
+        ly = min(max(ly, 0), max(H - th, 0))
+        draw.rectangle([lx, ly, lx + tw, ly + th], fill=color)
+        draw.text((lx + pad - l, ly + pad - t_), text, fill=_text_color(color), font=font)
     return img
+
+
+def detections_to_records(det: Dict[str, torch.Tensor], image_id: int, file_name: str,
+                          class_names: Sequence[str], category_ids: Sequence[int],
+                          image_size: Optional[Sequence[int]] = None) -> List[Dict]:
+    """COCO results records (``image_id``, ``category_id``, ``bbox`` [x, y, w, h] in image
+    pixels, ``score``) with ``file_name``, ``category_name`` and ``label`` added."""
+    out = []
+    boxes = torch.as_tensor(det["boxes"]).reshape(-1, 4).tolist()
+    for (x0, y0, x1, y1), score, label in zip(boxes, torch.as_tensor(det["scores"]).tolist(),
+                                              torch.as_tensor(det["labels"]).tolist()):
+        rec = {"image_id": int(image_id), "file_name": str(file_name),
+               "category_id": int(category_ids[label]) if label < len(category_ids) else int(label),
+               "category_name": (str(class_names[label]) if label < len(class_names)
+                                 else str(label)),
+               "label": int(label),
+               "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+               "score": round(float(score), 4)}
+        if image_size is not None:
+            rec["image_height"], rec["image_width"] = int(image_size[0]), int(image_size[1])
+        out.append(rec)
+    return out

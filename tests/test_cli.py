@@ -49,9 +49,13 @@ def test_eval_prints_the_twelve_numbers(coco, trained, capsys):
     rc = main(["eval", "--data", coco, "--checkpoint", str(trained / "best.pth"),
                "--size", "128", "--batch-size", "2"])
     assert rc == 0
-    names = [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()[-12:]]
+    out = capsys.readouterr().out
+    metrics, per_class = out.split("\ncategory", 1)
+    names = [line.split()[0] for line in metrics.strip().splitlines()[-12:]]
     assert names == ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
                      "ARm", "ARl"]
+    # then the per-class table: one row per category of the data set
+    assert len(per_class.strip().splitlines()) == 1 + 3
 
 
 def test_predict_writes_pngs(coco, trained, tmp_path, capsys):
@@ -64,7 +68,9 @@ def test_predict_writes_pngs(coco, trained, tmp_path, capsys):
     assert len(pngs) == 1
     from PIL import Image
 
-    assert Image.open(pngs[0]).size == (128, 128)
+    # a 128x128 image is drawn 4x larger, so that its labels are readable
+    assert Image.open(pngs[0]).size == (512, 512)
+    assert (tmp_path / "detections.json").is_file()
 
 
 def test_bench_prints_a_table(capsys):

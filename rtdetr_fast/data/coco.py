@@ -49,9 +49,11 @@ def load_coco_api(ann_file: str | os.PathLike):
             raise ValueError(f"{path!r}: annotation {ann.get('id')} refers to image_id "
                              f"{ann.get('image_id')!r}, which is not in 'images'")
         bbox = ann.get("bbox")
-        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
+        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                        and np.isfinite(v) for v in bbox)):
             raise ValueError(f"{path!r}: annotation {ann.get('id')} has bbox {bbox!r}; "
-                             "expected [x, y, width, height]")
+                             "expected [x, y, width, height] as 4 numbers")
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", float(max(bbox[2], 0) * max(bbox[3], 0)))
     coco = COCO()
@@ -86,8 +88,8 @@ class CocoDetection(torch.utils.data.Dataset):
     counted in ``skipped`` and its id kept in ``bad_image_ids``; ``__getitem__`` then falls
     through to the next readable index (wrapping around), so an epoch never stops midway. The
     fallen-through item is a duplicate of another image; ``CocoEvaluator`` ignores repeated image
-    ids. Note that with DataLoader workers each worker process keeps its own count. If no image at
-    all can be read, ``__getitem__`` raises RuntimeError.
+    ids. The flags live in shared memory, so DataLoader workers share them: each unreadable image
+    is warned about once. If no image at all can be read, ``__getitem__`` raises RuntimeError.
 
     ``transforms(pil_image, target) -> (image, target)`` runs after loading (see
     ``rtdetr_fast.data.transforms``); its output image is converted to float [0,1] if it is not.
@@ -107,7 +109,16 @@ class CocoDetection(torch.utils.data.Dataset):
         self.label_to_cat_id: List[int] = [int(c["id"]) for c in cats]
         self.cat_id_to_label: Dict[int, int] = {cid: i for i, cid in enumerate(self.label_to_cat_id)}
         self.class_names: List[str] = [str(c.get("name", c["id"])) for c in cats]
-        self.bad_image_ids: set = set()
+        # one flag per image in shared memory: DataLoader workers (forked or spawned) mark an
+        # unreadable image once for all, so it is warned about once per run, not once per
+        # worker and epoch, and ``skipped`` counts it in the main process too
+        self._index = {image_id: i for i, image_id in enumerate(self.ids)}
+        self._bad = torch.zeros(len(self.ids), dtype=torch.uint8).share_memory_()
+
+    @property
+    def bad_image_ids(self) -> set:
+        """The ids of the images found unreadable so far."""
+        return {self.ids[i] for i in torch.nonzero(self._bad).flatten().tolist()}
 
     @property
     def num_classes(self) -> int:
@@ -115,8 +126,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     @property
     def skipped(self) -> int:
-        """How many distinct images were found unreadable so far (in this process)."""
-        return len(self.bad_image_ids)
+        """How many distinct images were found unreadable so far (by any worker)."""
+        return int(self._bad.sum())
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -128,7 +139,7 @@ class CocoDetection(torch.utils.data.Dataset):
         index %= n
         for k in range(n):
             image_id = self.ids[(index + k) % n]
-            if image_id in self.bad_image_ids:
+            if self._bad[(index + k) % n]:
                 continue
             item = self._load(image_id)
             if item is not None:
@@ -151,10 +162,14 @@ class CocoDetection(torch.utils.data.Dataset):
                 im.load()  # decode fully now, so a truncated file fails here and not later
                 img = ImageOps.exif_transpose(im).convert("RGB")
         except Exception as exc:  # noqa: BLE001 - any decoder failure means the same: skip it
-            self.bad_image_ids.add(image_id)
-            reason = "missing" if isinstance(exc, FileNotFoundError) else f"unreadable ({exc})"
-            warnings.warn(f"skipping image {image_id} at {path!r}: {reason}", RuntimeWarning,
-                          stacklevel=3)
+            i = self._index[image_id]
+            first = not bool(self._bad[i])
+            self._bad[i] = 1
+            if first:
+                reason = ("missing" if isinstance(exc, FileNotFoundError)
+                          else f"unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+                warnings.warn(f"skipping image {image_id} at {path!r}: {reason}", RuntimeWarning,
+                              stacklevel=3)
             return None
         return img, raw_hw, orientation
 

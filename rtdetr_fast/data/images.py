@@ -43,7 +43,11 @@ def _to_unit_float(t: torch.Tensor) -> torch.Tensor:
     if t.dtype == torch.uint8:
         return t.float() / 255.0
     if t.is_floating_point():
-        return t.float()
+        t = t.float()
+        if t.numel() and float(t.max()) > 2.0:
+            raise ValueError(f"float images must hold values in [0, 1], got values up to "
+                             f"{float(t.max()):.1f}; divide by 255 (or pass uint8)")
+        return t
     raise TypeError(f"image tensors must be uint8 or floating point, got {t.dtype}")
 
 

@@ -62,6 +62,7 @@ class CocoEvaluator:
         self.results: List[Dict[str, Any]] = []
         self.stats: Optional[Dict[str, float]] = None
         self.summary_text: str = ""
+        self._coco_eval = None
 
     def update(self, image_ids: Iterable[Any], results: Sequence[Mapping[str, torch.Tensor]]) -> None:
         """``results[i]`` (from ``model.postprocess``) holds ``boxes`` [K,4] xyxy in pixels of the
@@ -123,6 +124,7 @@ class CocoEvaluator:
         With no detections at all every number is 0.0. As in pycocotools, -1.0 means the ground
         truth has no object in that size range. ``verbose`` prints pycocotools' table; it is
         kept in ``summary_text`` either way."""
+        self._coco_eval = None
         if not self.results or not self.img_ids:
             self.stats = {k: 0.0 for k in STAT_NAMES}
             self.summary_text = "no detections: all metrics are 0"
@@ -144,7 +146,38 @@ class CocoEvaluator:
         if verbose:
             print(self.summary_text, end="")
         self.stats = {k: float(v) for k, v in zip(STAT_NAMES, np.asarray(ev.stats).tolist())}
+        self._coco_eval = ev
         return dict(self.stats)
+
+    def per_class_ap(self) -> List[Dict[str, Any]]:
+        """Per category (of the evaluated images): ``category_id``, ``name``, ``AP``
+        (IoU 0.50:0.95), ``AP50`` and ``objects`` (non-crowd ground-truth boxes), after
+        :meth:`summarize`. AP is -1.0 for a category without ground truth; 0.0 everywhere when
+        there were no detections."""
+        if self.stats is None:
+            self.summarize()
+        img_ids = set(self.img_ids)
+        objects: Dict[int, int] = {}
+        for ann in self.coco_gt.dataset.get("annotations", []):
+            if ann["image_id"] in img_ids and not ann.get("iscrowd", 0):
+                objects[ann["category_id"]] = objects.get(ann["category_id"], 0) + 1
+        out = []
+        ev = self._coco_eval
+        cat_ids = list(ev.params.catIds) if ev is not None else sorted(self.coco_gt.getCatIds())
+        for k, cid in enumerate(cat_ids):
+            ap = ap50 = 0.0
+            if ev is not None:
+                # precision [T, R, K, A, M]: area "all" (0), the largest maxDets (-1)
+                prec = ev.eval["precision"][:, :, k, 0, -1]
+                valid = prec[prec > -1]
+                ap = float(valid.mean()) if valid.size else -1.0
+                p50 = prec[0][prec[0] > -1]
+                ap50 = float(p50.mean()) if p50.size else -1.0
+            cat = self.coco_gt.cats.get(cid, {})
+            out.append({"category_id": int(cid), "name": str(cat.get("name", cid)),
+                        "AP": round(ap, 4), "AP50": round(ap50, 4),
+                        "objects": objects.get(cid, 0)})
+        return out
 
     def write_results(self, path: Union[str, os.PathLike]) -> str:
         """Write the detections as a COCO results JSON (a list of image_id, category_id,

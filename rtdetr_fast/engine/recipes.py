@@ -38,9 +38,12 @@ def make_loader(dataset, batch_size: int, train: bool, workers: int = 0, collate
     if D.is_distributed():
         sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=train,
                                                                   seed=seed)
+    # training drops the last incomplete batch (as the official recipe does) only when there
+    # is at least one full batch: a data set smaller than the batch still trains
+    per_rank = len(dataset) // (D.get_world_size() if D.is_distributed() else 1)
     return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
                       sampler=sampler, num_workers=workers, collate_fn=collate,
-                      drop_last=train, persistent_workers=False)
+                      drop_last=train and per_rank >= batch_size, persistent_workers=False)
 
 
 def coco_evaluate_fn(dataset, batch_size: int, device, workers: int = 0, progress: bool = True):

@@ -59,6 +59,22 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+def scaled_schedule(total_steps: int) -> Dict[str, float]:
+    """Warm-up and EMA settings for a run of ``total_steps`` optimizer steps.
+
+    The official recipe (2000 warm-up steps, EMA decay 0.9999 over 2000 warm-up updates) is
+    made for COCO, where 72 epochs are ~260k steps and the warm-up is under 1% of the run. On a
+    small data set the same numbers mean the whole run stays in warm-up (lr near zero) and the
+    EMA averages mostly the initial weights. So: warm-up = 5% of the run (at most 2000), the
+    EMA's warm-up = 10% of the run (at most 2000) and its decay such that it averages over
+    about the last 10% of the run (1 - 1 / (0.1 * steps), at most 0.9999). A COCO-sized run
+    gets the official values back."""
+    total_steps = max(int(total_steps), 1)
+    return {"warmup_steps": min(2000, total_steps // 20),
+            "ema_warmups": max(1, min(2000, total_steps // 10)),
+            "ema_decay": min(0.9999, max(0.0, 1.0 - 10.0 / total_steps))}
+
+
 # official parameter groups, by parameter name (the regexes of the released configs)
 _BACKBONE_NORM = re.compile(r"^(?=.*backbone)(?=.*norm).*$")
 _BACKBONE_OTHER = re.compile(r"^(?=.*backbone)(?!.*norm).*$")
@@ -191,6 +207,18 @@ class Trainer:
         if self.main:
             atomic_save(self.state_dict(), path)
 
+    def save_best(self, path: str, metric: Optional[float] = None) -> None:
+        """The model only (EMA weights when EMA is on) and its config: what ``from_pretrained``,
+        ``eval`` and ``predict`` need, without the optimizer state (a third of the size)."""
+        if not self.main:
+            return
+        model = self.ema.module if self.ema else unwrap(self.model)
+        atomic_save({"model": model.state_dict(),
+                     "model_config": dataclasses.asdict(model.config)
+                     if hasattr(model, "config") else None,
+                     "epoch": self.epoch, "step": self.step,
+                     "metric": {self.cfg.best_metric: metric}}, path)
+
     def resume(self, path: str) -> None:
         """Continue exactly where the checkpoint at ``path`` stopped."""
         if not os.path.isfile(path):
@@ -204,10 +232,23 @@ class Trainer:
             raise ValueError(f"{path!r} is not a training checkpoint of this engine (lacks "
                              f"{sorted(missing)}); to start from its weights, load them with "
                              "RTDETR.from_pretrained instead")
-        unwrap(self.model).load_state_dict(state["model"])
-        if self.ema and state.get("ema"):
-            self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        model = unwrap(self.model)
+        saved, own = state.get("model_config"), getattr(model, "config", None)
+        if isinstance(saved, dict) and own is not None:
+            mine = dataclasses.asdict(own)
+            for key in ("name", "num_classes"):
+                if key in saved and saved[key] != mine.get(key):
+                    what = "classes" if key == "num_classes" else "preset"
+                    raise ValueError(f"cannot resume {path!r}: it was trained with {what} "
+                                     f"{saved[key]!r}, this run has {mine.get(key)!r}")
+        try:
+            model.load_state_dict(state["model"])
+            if self.ema and state.get("ema"):
+                self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ValueError(f"cannot resume {path!r}: its model does not fit this run's "
+                             f"({str(exc).splitlines()[0]})") from exc
         self.schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state.get("best")
@@ -285,12 +326,19 @@ class Trainer:
                 bar.set_postfix(loss=f"{stats['loss']:.3f}",
                                 lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}")
             if self.cfg.log_every and self.step % self.cfg.log_every == 0:
-                self._log({"type": "step", "epoch": self.epoch, "step": self.step,
+                # epochs count from 1 in the log, as in the epoch records
+                self._log({"type": "step", "epoch": self.epoch + 1, "step": self.step,
                            "lr": self.optimizer.param_groups[-1]["lr"], **stats})
             if self.cfg.max_steps_per_epoch and n >= self.cfg.max_steps_per_epoch:
                 break
         if bar is not None:
             bar.close()
+        if n == 0:
+            size = len(getattr(self.train_loader, "dataset", ())) if hasattr(
+                getattr(self.train_loader, "dataset", None), "__len__") else "?"
+            raise ValueError(f"the training loader yielded no batch (data set of {size} images, "
+                             f"batch size {getattr(self.train_loader, 'batch_size', '?')}); "
+                             "use a smaller batch size or more images")
         means = {k: v / max(n, 1) for k, v in sums.items()}
         means["steps"] = n
         means["seconds"] = time.perf_counter() - t0
@@ -324,7 +372,7 @@ class Trainer:
                 score = metrics.get(self.cfg.best_metric)
                 if score is not None and (self.best is None or score > self.best):
                     self.best = score
-                    self.save(os.path.join(out, "best.pth"))
+                    self.save_best(os.path.join(out, "best.pth"), score)
             self.save(os.path.join(out, "last.pth"))
             self._log(record)
             epochs.append(record)

@@ -27,6 +27,12 @@ class CheckpointError(ValueError):
 def read_official(path: str, map_location="cpu") -> Dict[str, torch.Tensor]:
     """The model state dict of an official ``.pth``: ``ckpt["ema"]["module"]``, else
     ``ckpt["model"]``, else the file itself when it is a plain state dict."""
+    return read_checkpoint(path, map_location)[0]
+
+
+def read_checkpoint(path: str, map_location="cpu") -> Tuple[Dict[str, torch.Tensor], Optional[dict]]:
+    """(state dict, the model config saved with it or None) of a ``.pth``: the official layout,
+    or one written by our trainer (``last.pth``, ``best.pth``), which adds ``model_config``."""
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
@@ -47,7 +53,8 @@ def read_official(path: str, map_location="cpu") -> Dict[str, torch.Tensor]:
     # checkpoints saved from DistributedDataParallel prefix every key
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
-    return dict(sd)
+    model_config = ckpt.get("model_config")
+    return dict(sd), model_config if isinstance(model_config, dict) else None
 
 
 def _read_folder(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -153,6 +160,9 @@ def load_pretrained(cls, path, num_classes: Optional[int] = None, name: Optional
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
+    # category names and ids are set after a class-count change, which clears them
+    names = overrides.pop("class_names", None)
+    cat_ids = overrides.pop("category_ids", None)
     cfg_json = None
     from_hf = False
     if os.path.isdir(path):
@@ -166,18 +176,26 @@ def load_pretrained(cls, path, num_classes: Optional[int] = None, name: Optional
             cfg_json = None
         elif "rtdetr_fast" in cfg_json:
             inferred = None
+            cfg_json = cfg_json["rtdetr_fast"]
         else:
             raise CheckpointError(f"{path!r}: config.json is neither a transformers RT-DETR "
                                   "config (model_type 'rt_detr') nor an rtdetr_fast one")
     else:
-        sd = read_official(path, map_location)
+        sd, cfg_json = read_checkpoint(path, map_location)
         inferred = None
     if cfg_json is not None:
+        # the config saved with the weights (queries, input size, names...); overrides win
         from ..config import RTDETRConfig
 
-        config = RTDETRConfig.from_dict(cfg_json["rtdetr_fast"])
-        if overrides or name:
-            config = get_config(name or config.name, config.num_classes,
+        try:
+            config = RTDETRConfig.from_dict(cfg_json)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path!r}: the model config saved in it is not readable by "
+                                  f"this version: {exc}") from exc
+        if name is not None and name != config.name:
+            raise CheckpointError(f"{path!r} holds a {config.name} checkpoint, not {name}")
+        if overrides:
+            config = get_config(config.name, config.num_classes,
                                 **{**_flatten(config), **overrides})
     else:
         inferred_name, ckpt_classes, ckpt_overrides = inferred or infer_preset(sd)
@@ -196,6 +214,9 @@ def load_pretrained(cls, path, num_classes: Optional[int] = None, name: Optional
     load_state_dict_strict(model, sd, repr(path))
     if num_classes is not None and num_classes != config.num_classes:
         model.reset_classes(num_classes)
+    if names is not None or cat_ids is not None:
+        model.set_categories(names if names is not None else model.config.class_names,
+                             cat_ids if cat_ids is not None else model.config.category_ids)
     return model
 
 
@@ -204,8 +225,9 @@ def _flatten(config) -> dict:
     for section in ("backbone", "encoder", "decoder"):
         for k, v in dataclasses.asdict(getattr(config, section)).items():
             out[f"{section}.{k}"] = v
-    out["eval_spatial_size"] = config.eval_spatial_size
-    out["num_top_queries"] = config.num_top_queries
+    for f in dataclasses.fields(config):
+        if f.name not in ("name", "num_classes", "backbone", "encoder", "decoder"):
+            out[f.name] = getattr(config, f.name)
     return out
 
 

@@ -88,16 +88,37 @@ class RTDETR(nn.Module):
     def deployed(self) -> bool:
         return any(m.deployed for m in self.modules() if isinstance(m, RepVggBlock))
 
-    def reset_classes(self, num_classes: int) -> "RTDETR":
+    def reset_classes(self, num_classes: int, class_names: Optional[Sequence[str]] = None,
+                      category_ids: Optional[Sequence[int]] = None) -> "RTDETR":
         """Re-initialise every class-dependent part for ``num_classes`` (fine-tuning to another
         class count): the decoder's class heads and denoising embedding, the loss and the
-        config. Everything else keeps its weights."""
+        config (whose category names and ids are replaced by the ones given, else cleared).
+        Everything else keeps its weights."""
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         self.decoder.reset_class_heads(num_classes)
         self.criterion = RTDETRCriterion(num_classes, matcher=self.criterion.matcher)
-        self.config = dataclasses.replace(self.config, num_classes=num_classes)
+        self.config = dataclasses.replace(self.config, num_classes=num_classes, class_names=(),
+                                          category_ids=())
+        return self.set_categories(class_names or (), category_ids or ())
+
+    def set_categories(self, class_names: Sequence[str] = (), category_ids: Sequence[int] = ()
+                       ) -> "RTDETR":
+        """Record the category name and COCO category id of each class (label i is
+        ``class_names[i]``); saved with every checkpoint, used by ``predict`` and ``eval``."""
+        names = tuple(str(n) for n in class_names)
+        ids = tuple(int(i) for i in category_ids)
+        for what, given in (("category names", names), ("category ids", ids)):
+            if given and len(given) != self.num_classes:
+                raise ValueError(f"{len(given)} {what} given for a model of {self.num_classes} "
+                                 "classes")
+        self.config = dataclasses.replace(self.config, class_names=names, category_ids=ids)
         return self
+
+    @property
+    def class_names(self) -> List[str]:
+        """The name of each class: the saved category names, else the label as text."""
+        return list(self.config.class_names) or [str(i) for i in range(self.num_classes)]
 
     # ----------------------------------------------------------------------------- forward
     @staticmethod
@@ -193,7 +214,8 @@ class RTDETR(nn.Module):
         uint8 or float in [0,1]), PIL images and file paths, mixed and of different sizes. Each
         image is resized to ``size`` (default: the config's eval size), run in eval mode, and
         its boxes mapped back to its own pixels. Returns per image a dict with ``boxes`` [N,4]
-        (xyxy, original pixels), ``scores`` [N] and ``labels`` [N] for scores >= threshold.
+        (xyxy, original pixels, clipped to the image), ``scores`` [N] and ``labels`` [N] for
+        scores >= threshold; ``model.class_names[label]`` names the class.
         """
         from ..data.images import to_tensor_list
 
@@ -214,9 +236,15 @@ class RTDETR(nn.Module):
         finally:
             self.train(was_training)
         results = []
-        for det in self.postprocess(outputs, sizes):
+        for det, (h, w) in zip(self.postprocess(outputs, sizes), sizes.tolist()):
             keep = det["scores"] >= threshold
-            results.append({k: v[keep] for k, v in det.items()})
+            det = {k: v[keep] for k, v in det.items()}
+            # boxes stay inside the image they were found in
+            boxes = det["boxes"].clone()
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            det["boxes"] = boxes
+            results.append(det)
         return results
 
     # ----------------------------------------------------------------------------- speed-ups
