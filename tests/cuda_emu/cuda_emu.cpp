@@ -13,10 +13,15 @@
 #include <string>
 #include <vector>
 
-#if defined(__SANITIZE_ADDRESS__)
+// The sanitizer build compiles this file without instrumentation (the kernels and harnesses
+// are what it checks; memcpy/memset of the emulated copies still go through ASan's
+// interceptors) and defines CUDA_EMU_ASAN for the fiber-switch annotations.
+#if defined(__SANITIZE_ADDRESS__) && !defined(CUDA_EMU_ASAN)
+#define CUDA_EMU_ASAN 1
+#endif
+#if defined(CUDA_EMU_ASAN)
 #include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
-#define CUDA_EMU_ASAN 1
 #endif
 
 extern "C" {
@@ -280,7 +285,14 @@ float bf16_bits_to_float(uint16_t h) {
   memcpy(&f, &u, 4);
   return f;
 }
-float f16_bits_to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
+float f16_bits_to_float(uint16_t h) {
+  static const std::vector<float> table = [] {
+    std::vector<float> t(65536);
+    for (int i = 0; i < 65536; ++i) t[i] = __half2float(__ushort_as_half(static_cast<uint16_t>(i)));
+    return t;
+  }();
+  return table[h];
+}
 
 // PTX ISA, "Matrix Fragments for mma.m16n8k16" (f16/bf16 inputs, f32 accumulators):
 // groupID = lane >> 2, tig = lane & 3;
@@ -482,9 +494,21 @@ void poison_shared() {
   volatile char* p = __start_cuda_emu_shared;
   const size_t n = static_cast<size_t>(__stop_cuda_emu_shared - __start_cuda_emu_shared);
 #if defined(CUDA_EMU_ASAN)
-  // skip the redzones ASan puts between the shared variables
-  for (size_t i = 0; i < n; ++i)
-    if (!__asan_address_is_poisoned(const_cast<char*>(p) + i)) p[i] = static_cast<char>(0xff);
+  // skip the redzones ASan puts between the shared variables (found once: they never move)
+  static std::vector<std::pair<size_t, size_t>> ranges;
+  static bool scanned = false;
+  if (!scanned) {
+    scanned = true;
+    size_t i = 0;
+    while (i < n) {
+      while (i < n && __asan_address_is_poisoned(const_cast<char*>(p) + i)) ++i;
+      size_t j = i;
+      while (j < n && !__asan_address_is_poisoned(const_cast<char*>(p) + j)) ++j;
+      if (j > i) ranges.emplace_back(i, j - i);
+      i = j;
+    }
+  }
+  for (const auto& r : ranges) memset(const_cast<char*>(p) + r.first, 0xff, r.second);
 #else
   memset(const_cast<char*>(p), 0xff, n);
 #endif

@@ -14,7 +14,8 @@
 // warp alone until a block barrier, seeded random): a race between sync points shows as a
 // schedule-dependent result.
 //
-// __shared__ variables live in one linker section, refilled with 0xFF bytes (NaN in every
+// __shared__ variables live in one linker section (see the build in
+// scripts/check_cuda_emu.sh), refilled with 0xFF bytes (NaN in every
 // float type) before each block. cp.async (csrc/common/ptx.cuh) poisons its destination the
 // same way until the wait_group that covers it. Device memory is host memory, so an
 // -fsanitize=address build finds out-of-bounds accesses of the kernels.
@@ -54,7 +55,10 @@
 #define __forceinline__ inline
 #define __noinline__
 #define __launch_bounds__(...)
-#define __shared__ __attribute__((section("cuda_emu_shared"))) static
+// function-local statics; the build renames their sections (-fdata-sections gives each its
+// own .bss._ZZ... section) to cuda_emu_shared, since GCC drops a section attribute on the
+// statics of function templates
+#define __shared__ static
 #define __constant__ static
 #define __CUDA_ARCH__ CUDA_EMU_ARCH
 

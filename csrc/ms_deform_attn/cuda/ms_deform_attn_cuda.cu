@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "common/cuda_launch.cuh"
 #include "ms_deform_attn/cuda/ms_deform_attn_cuda.h"
 #include "ms_deform_attn/ms_deform_attn_math.h"
 
@@ -369,7 +370,8 @@ template <typename T, int G>
 void launch_forward(const Problem& p, const T* value, const T* loc, const T* attn, T* out,
                     bool vec, cudaStream_t stream) {
   const int64_t threads = p.B * p.Q * p.H * G;
-  forward_kernel<T, G><<<blocks_for(threads), kThreads, 0, stream>>>(p, value, loc, attn, out, vec);
+  RTDETR_LAUNCH(blocks_for(threads), kThreads, 0, stream, forward_kernel<T, G>)(p, value, loc, attn,
+                                                                              out, vec);
 }
 
 template <typename T>
@@ -398,7 +400,7 @@ void launch_backward(const Problem& p, const T* go, const T* value, const T* loc
                      float* acc, unsigned long long* fixed, const unsigned* absmax, T* gl,
                      T* ga, bool vec, bool det, cudaStream_t stream) {
   const int64_t threads = p.B * p.Q * p.H * G;
-  backward_kernel<T, G><<<blocks_for(threads), kThreads, 0, stream>>>(
+  RTDETR_LAUNCH(blocks_for(threads), kThreads, 0, stream, backward_kernel<T, G>)(
       p, go, value, loc, attn, acc, fixed, absmax, gl, ga, vec, det);
 }
 
@@ -414,8 +416,10 @@ cudaError_t backward_typed(const Problem& p, const void* grad_out, const void* v
   const T* a = static_cast<const T*>(attn);
   if (det) {
     const int64_t n_go = rows * p.D, n_a = rows * p.N;
-    absmax_kernel<T><<<grid_stride_blocks(n_go), kThreads, 0, stream>>>(go, n_go, absmax);
-    absmax_kernel<T><<<grid_stride_blocks(n_a), kThreads, 0, stream>>>(a, n_a, absmax + 1);
+    RTDETR_LAUNCH(grid_stride_blocks(n_go), kThreads, 0, stream, absmax_kernel<T>)(go, n_go,
+                                                                                  absmax);
+    RTDETR_LAUNCH(grid_stride_blocks(n_a), kThreads, 0, stream, absmax_kernel<T>)(a, n_a,
+                                                                                 absmax + 1);
   }
   const bool vec = p.D % CPT == 0 && aligned16(value) && aligned16(grad_out) &&
                    (det || aligned16(acc));
@@ -434,7 +438,7 @@ cudaError_t backward_typed(const Problem& p, const void* grad_out, const void* v
   if (det) {
     const int64_t n = p.B * p.S * p.H * p.D;
     if (n > 0)
-      fixed_to_value_kernel<T><<<grid_stride_blocks(n), kThreads, 0, stream>>>(
+      RTDETR_LAUNCH(grid_stride_blocks(n), kThreads, 0, stream, fixed_to_value_kernel<T>)(
           p, fixed, absmax, static_cast<T*>(grad_value_out), n);
   }
   return cudaGetLastError();

@@ -22,6 +22,10 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "common/cuda_launch.cuh"
+#include "common/ptx.cuh"
+#include "rep_conv/cuda/rep_conv_cuda.h"
+
 namespace rtdetr_fast {
 namespace rep_conv {
 namespace {
@@ -41,31 +45,13 @@ constexpr int ROWS_PER_THREAD = BM * CHUNKS / THREADS;
 static_assert(BM == BN, "the A and B copy loops share one row mapping");
 static_assert(ROWS_PER_THREAD * THREADS == BM * CHUNKS, "copy loop must cover the tile");
 
-enum Act { kIdentity = 0, kRelu = 1, kSilu = 2 };
-
 __device__ __forceinline__ int swz(int row, int chunk) { return chunk ^ ((row >> 1) & 3); }
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy; src_bytes = 0 writes zeros (the padding and the ragged edges)
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1,
-                                            uint32_t& r2, uint32_t& r3) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
-               : "r"(addr));
-}
+using ptx::cp_async16;
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::ldmatrix_x4;
+using ptx::smem_addr;
 
 template <typename T>
 struct Mma;
@@ -73,11 +59,7 @@ struct Mma;
 template <>
 struct Mma<__half> {
   static __device__ __forceinline__ void run(float* d, const uint32_t* a, const uint32_t* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    ptx::mma_m16n8k16_f16(d, a, b);
   }
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
@@ -90,11 +72,7 @@ struct Mma<__half> {
 template <>
 struct Mma<__nv_bfloat16> {
   static __device__ __forceinline__ void run(float* d, const uint32_t* a, const uint32_t* b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    ptx::mma_m16n8k16_bf16(d, a, b);
   }
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) {
     return __bfloat162float(v);
@@ -278,11 +256,11 @@ cudaError_t launch_act(const T* x, const T* w, const T* bias, T* y, int M, int C
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   dim3 grid(static_cast<unsigned>(blocks));
   if (bias != nullptr)
-    rep_conv_kernel<T, ACT, true>
-        <<<grid, THREADS, 0, stream>>>(x, w, bias, y, M, C_in, C_out, H, W, n_tiles);
+    RTDETR_LAUNCH(grid, THREADS, 0, stream, rep_conv_kernel<T, ACT, true>)(
+        x, w, bias, y, M, C_in, C_out, H, W, n_tiles);
   else
-    rep_conv_kernel<T, ACT, false>
-        <<<grid, THREADS, 0, stream>>>(x, w, bias, y, M, C_in, C_out, H, W, n_tiles);
+    RTDETR_LAUNCH(grid, THREADS, 0, stream, rep_conv_kernel<T, ACT, false>)(
+        x, w, bias, y, M, C_in, C_out, H, W, n_tiles);
   return cudaGetLastError();
 }
 
@@ -301,7 +279,6 @@ cudaError_t launch_typed(const T* x, const T* w, const T* bias, T* y, int M, int
 
 }  // namespace
 
-// dtype: 0 float16, 1 bfloat16. act: 0 identity, 1 relu, 2 silu. bias may be null.
 cudaError_t rep_conv_forward_cuda(const void* x, const void* w, const void* bias, void* y,
                                   int dtype, int B, int C_in, int H, int W, int C_out, int act,
                                   cudaStream_t stream) {

@@ -8,6 +8,8 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include "rep_conv/cuda/rep_conv_cuda.h"
+
 namespace rtdetr_fast {
 namespace rep_conv {
 
@@ -15,10 +17,6 @@ namespace rep_conv {
 int activation_code(c10::string_view activation);
 void check_args(const at::Tensor& x, const at::Tensor& weight,
                 const c10::optional<at::Tensor>& bias);
-// cuda/rep_conv_cuda.cu
-cudaError_t rep_conv_forward_cuda(const void* x, const void* w, const void* bias, void* y,
-                                  int dtype, int B, int C_in, int H, int W, int C_out, int act,
-                                  cudaStream_t stream);
 
 namespace {
 
@@ -37,8 +35,8 @@ at::Tensor rep_conv_cuda(const at::Tensor& x, const at::Tensor& weight,
     // an empty K: the convolution is zero and the output is act(bias)
     at::Tensor b = bias.has_value() ? bias->view({1, C_out, 1, 1}).expand_as(y)
                                     : at::zeros_like(y);
-    if (act == 1) return y.copy_(at::relu(b));
-    if (act == 2) return y.copy_(at::silu(b));
+    if (act == kRelu) return y.copy_(at::relu(b));
+    if (act == kSilu) return y.copy_(at::silu(b));
     return y.copy_(b);
   }
   const int dtype = x.scalar_type() == at::kHalf ? 0 : 1;
