@@ -18,8 +18,11 @@ echo "nvcc: $("$NVCC" --version | tail -1)"
 for f in "${FILES[@]}"; do
   for a in "${ARCHS[@]}"; do
     log="$TMP/$(echo "$f" | tr '/' '_').sm_$a.log"
-    # the same flags setup.py gives nvcc, plus the resource report
-    if ! "$NVCC" -std=c++17 -O3 --use_fast_math -lineinfo -DRTDETR_FAST_WITH_CUDA -I csrc \
+    # the flags a torch CUDAExtension build gives nvcc (torch's own and setup.py's), plus the
+    # resource report
+    if ! "$NVCC" -std=c++20 -O3 --use_fast_math -lineinfo -DRTDETR_FAST_WITH_CUDA -I csrc \
+        -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+        -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr \
         -gencode "arch=compute_$a,code=sm_$a" -Xptxas -v -c "$f" -o "$TMP/out.o" >"$log" 2>&1; then
       echo "FAIL  $f sm_$a: compile error"; grep -E "error" "$log" | head -20; status=1; continue
     fi
