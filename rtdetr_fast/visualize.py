@@ -75,6 +75,8 @@ def draw_detections(image, det: Dict[str, torch.Tensor],
         y0, y1 = sorted((min(max(y0, 0), H - 1), min(max(y1, 0), H - 1)))
         color = class_color(label)
         name = class_names[label] if class_names and 0 <= label < len(class_names) else str(label)
+        # a dark rim under the coloured line keeps boxes visible on backgrounds of their colour
+        draw.rectangle([x0 - 1, y0 - 1, x1 + 1, y1 + 1], outline=(0, 0, 0), width=line + 2)
         draw.rectangle([x0, y0, x1, y1], outline=color, width=line)
         text = f"{name} {score:.2f}"
         l, t_, r, b = draw.textbbox((0, 0), text, font=font)
@@ -83,7 +85,7 @@ def draw_detections(image, det: Dict[str, torch.Tensor],
         lx = min(max(x0, 0), max(W - tw, 0))
         ly = y0 - th if y0 - th >= 0 else y0
         ly = min(max(ly, 0), max(H - th, 0))
-        draw.rectangle([lx, ly, lx + tw, ly + th], fill=color)
+        draw.rectangle([lx, ly, lx + tw, ly + th], fill=color, outline=(0, 0, 0), width=1)
         draw.text((lx + pad - l, ly + pad - t_), text, fill=_text_color(color), font=font)
     return img
 
