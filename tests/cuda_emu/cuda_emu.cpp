@@ -390,6 +390,9 @@ bool resolve_warp(int w) {
         fail("%s names lane %d, past the end of the block: %s", op_name(t->op), l,
              describe(*t).c_str());
       Thread* u = &g_threads[first + l];
+      if (u->state == kExited && is_aligned_op(t->op))
+        fail(".aligned operation run by part of the warp: lane %d has exited; %s", l,
+             describe(*t).c_str());
       if (u->state == kExited)
         fail("lane %d exited but is named in the mask of %s", l, describe(*t).c_str());
       if (u->state != kWaitWarp) {
