@@ -303,8 +303,9 @@ class DeployModel(nn.Module):
         B = memory.shape[0]
 
         anchors, valid = _anchors(shapes, 0.05, dec.eps, memory.device)
-        memory = valid.to(memory.dtype) * memory
-        output_memory = dec.enc_output(memory)
+        # the encoder heads see the memory masked to valid anchors, the decoder layers the whole
+        # memory (as the official model does)
+        output_memory = dec.enc_output(valid.to(memory.dtype) * memory)
         enc_class = dec.enc_score_head(output_memory)
         enc_coord_unact = dec.enc_bbox_head(output_memory) + anchors
         _, idx = _topk_rows(enc_class.amax(-1), dec.num_queries)
