@@ -30,6 +30,24 @@ run env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$CAP}" MAX_JO
 run python -c "import rtdetr_fast._C as C; info = C.build_info(); print(info); assert info['cuda'], 'extension built without CUDA'" || exit 1
 run python -m rtdetr_fast.info || true
 run scripts/check_cuda_compile.sh || status=1
+# the CPU emulator's kernel harnesses (tests/cuda_emu), built with nvcc on managed memory and
+# run on the GPU as they are, then under compute-sanitizer's racecheck and synccheck
+SAN=$(dirname "$(command -v nvcc)")/compute-sanitizer
+HBIN=$(mktemp -d)
+for k in "topk csrc/topk_select/cuda/topk_select_cuda.cu tests/cuda_emu/topk_harness.cu" \
+         "msda csrc/ms_deform_attn/cuda/ms_deform_attn_cuda.cu tests/cuda_emu/msda_harness.cu" \
+         "rep_conv csrc/rep_conv/cuda/rep_conv_cuda.cu tests/cuda_emu/rep_conv_harness.cu"; do
+  set -- $k
+  if ! run nvcc -std=c++17 -O2 -lineinfo -I csrc -I tests/cuda_emu \
+      -gencode "arch=compute_${CAP/./},code=sm_${CAP/./}" "$2" "$3" -o "$HBIN/$1"; then
+    status=1; continue
+  fi
+  run "$HBIN/$1" || status=1
+  for tool in racecheck synccheck; do
+    run "$SAN" --tool "$tool" --error-exitcode 1 "$HBIN/$1" || status=1
+  done
+done
+rm -rf "$HBIN"
 # GPU tests (the CPU tests run too: they are quick and exercise the shared math)
 run python -m pytest -q -rs tests/ops/test_ms_deform_attn.py || status=1
 run python -m pytest -q -rs tests/ops -k "cuda or gpu" || status=1
