@@ -95,5 +95,12 @@ lines += ["", "Raw log: " + dst[:-3].split("/")[-1] + ".log"]
 open(dst, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
+# TensorRT: an FP16 engine from the exported ONNX (one profile, batch 1-32 for both inputs),
+# compared with PyTorch; skipped where tensorrt does not import
+if python -c "import tensorrt" 2>/dev/null; then
+  run python scripts/trt_build.py --engine "${OUT}-rtdetr_r18vd.engine" || status=1
+else
+  echo "gpu_suite: tensorrt not importable: TensorRT engine check skipped" | tee -a "$LOG"
+fi
 echo "gpu_suite: wrote $OUT.md and $LOG (status $status)" | tee -a "$LOG"
 exit $status

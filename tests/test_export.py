@@ -232,3 +232,82 @@ def test_cli_export_from_a_checkpoint(small, tmp_path, capsys):
 
     images, wh = example_inputs((256, 224), 2)
     assert_same_detections(run_onnx(out, images, wh), eager_detections(small, images, wh))
+
+
+# the smallest model that still has every part: for the exporters that take minutes on a CPU
+TINY = dict(num_classes=3, hidden_dim=32, dim_feedforward=64, nhead=4, num_queries=20,
+            num_denoising=0, num_top_queries=30, num_decoder_layers=1,
+            eval_spatial_size=(128, 128))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return trained_looking(RTDETR.from_name("rtdetr_r18vd", **TINY).eval())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grid_sample", [True, False])
+def test_dynamo_exporter(tiny, tmp_path, grid_sample):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    from rtdetr_fast.export import run_onnx
+
+    path = tmp_path / "m.onnx"
+    export_onnx(tiny, path, exporter="dynamo", opset=18, size=(128, 128), batch=2,
+                grid_sample=grid_sample, verify=False)
+    model = onnx.load(str(path))
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [18]
+    assert ("GridSample" in {n.op_type for n in model.graph.node}) == grid_sample
+    assert [i.name for i in model.graph.input] == ["images", "orig_target_sizes"]
+    for batch, size in [(1, (128, 128)), (3, (192, 256))]:
+        images, wh = example_inputs(size, batch)
+        assert_same_detections(run_onnx(path, images, wh), eager_detections(tiny, images, wh))
+
+
+AOTI_RUNNER = """
+import sys, torch
+run = torch._inductor.aoti_load_package(sys.argv[1])
+inputs = torch.load(sys.argv[2])
+torch.save([run(*args) for args in inputs], sys.argv[3])
+assert not [m for m in sys.modules if m.startswith("rtdetr_fast")]
+"""
+
+
+@pytest.mark.slow
+def test_aoti_package_runs_without_the_package_and_equals_eager(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    from rtdetr_fast.export import export_aoti
+
+    package = export_aoti(tiny, tmp_path / "m.pt2", size=(128, 128), batch=2,
+                          grid_sample=False)
+    inputs = [example_inputs((128, 128), 1), example_inputs((192, 96), 3)]
+    torch.save(inputs, tmp_path / "in.pt")
+    # a fresh interpreter that never imports rtdetr_fast
+    subprocess.run([sys.executable, "-c", AOTI_RUNNER, package, str(tmp_path / "in.pt"),
+                    str(tmp_path / "out.pt")], check=True, cwd=tmp_path)
+    outputs = torch.load(tmp_path / "out.pt")
+    for (images, wh), out in zip(inputs, outputs):
+        assert_same_detections(tuple(out), eager_detections(tiny, images, wh), top=10)
+
+
+def test_trt_build_script_is_import_safe(capsys):
+    """scripts/trt_build.py imports without TensorRT or a GPU; where tensorrt is missing it
+    stops with one line and status 2 (the build itself runs only on a GPU machine)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "scripts" / "trt_build.py"
+    spec = importlib.util.spec_from_file_location("trt_build", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = mod.parse_args([])
+    assert (args.min_batch, args.max_batch) == (1, 32) and args.size == [640, 640]
+    if importlib.util.find_spec("tensorrt") is None:
+        assert mod.main([]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "tensorrt" in err
