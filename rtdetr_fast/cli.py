@@ -249,6 +249,15 @@ def cmd_train(args) -> int:
         raise ValueError("give --resume (continue a run) or --checkpoint (start from weights), "
                          "not both")
     device = D.init_distributed(args.device)
+    from .engine.seeding import seed_everything, set_deterministic
+
+    if args.deterministic:
+        set_deterministic(True)
+    # one seed for the whole run; the same on every rank, so the initialisation is identical
+    # (each rank's data order share, augmentation and denoising noise differ by rank). A resumed
+    # run without --seed continues with the seed saved in its checkpoint.
+    seed = args.seed if args.seed is not None else (None if args.resume else 0)
+    seed_everything(seed or 0)
     if args.amp != "none" and device.type == "cpu":
         print(f"rtdetr-fast train: warning: --amp {args.amp} on a CPU is usually much slower "
               "than float32 (--amp none)", file=sys.stderr)
@@ -275,7 +284,7 @@ def cmd_train(args) -> int:
         sizes = [s for s in range(int(size * 0.75) // 32 * 32, int(size * 1.25) + 1, 32)]
         collate = MultiScaleCollate(sizes=sizes, stop_epoch=args.epochs - args.stop_aug_epochs)
     loader = make_loader(train_ds, args.batch_size, train=True, workers=args.workers,
-                         collate=collate, seed=args.seed)
+                         collate=collate, seed=seed or 0)
     steps_per_epoch = len(loader) if not args.max_steps else min(len(loader), args.max_steps)
     total = steps_per_epoch * args.epochs
     sched = scaled_schedule(total)
@@ -285,12 +294,15 @@ def cmd_train(args) -> int:
                       warmup_steps=sched["warmup_steps"], ema_decay=sched["ema_decay"],
                       ema_warmups=sched["ema_warmups"], amp=args.amp, sync_bn=args.sync_bn,
                       output_dir=args.output_dir, ema=not args.no_ema,
-                      max_steps_per_epoch=args.max_steps)
+                      max_steps_per_epoch=args.max_steps, seed=seed,
+                      deterministic=args.deterministic)
     evaluate_fn = coco_evaluate_fn(val_ds, args.batch_size, device, workers=args.workers,
                                    progress=D.is_main_process())
     trainer = Trainer(model, loader, cfg, evaluate_fn=evaluate_fn, device=device)
     if args.resume:
         trainer.resume(args.resume)
+        for obj in (loader.sampler, loader.worker_init_fn):
+            obj.seed = trainer.cfg.seed if trainer.cfg.seed is not None else 0
         if trainer.epoch >= cfg.epochs:
             raise ValueError(f"nothing to train: {args.resume!r} has already trained "
                              f"{trainer.epoch} epochs; pass --epochs larger than "
@@ -467,7 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sync-bn", action="store_true", help="synchronised batch norm (torchrun)")
     s.add_argument("--no-ema", action="store_true", help="no weight EMA")
     s.add_argument("--max-steps", type=int, help="cap on steps per epoch (smoke runs)")
-    s.add_argument("--seed", type=int, default=0, help="data order seed")
+    s.add_argument("--seed", type=int, default=None,
+                   help="seed of the initialisation, data order, augmentation and denoising "
+                        "noise (default: 0, or the resumed checkpoint's)")
+    s.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms only (torch.use_deterministic_algorithms); "
+                        "an op without a deterministic form is an error")
     model_args(s)
     s.set_defaults(fn=cmd_train)
 
@@ -534,6 +551,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"rtdetr-fast {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        # torch's and the ops' refusal under --deterministic: one line, not a traceback
+        if "does not have a deterministic implementation" not in str(exc):
+            raise
+        import re
+
+        what = re.split(r"\. |; ", str(exc).splitlines()[0])[0]
+        print(f"rtdetr-fast {args.command}: error: {what}; drop --deterministic or choose a "
+              "backend that has one (RTDETR_FAST_BACKEND=native)", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

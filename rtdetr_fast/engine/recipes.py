@@ -34,15 +34,28 @@ def find_coco_split(root: str, split: str) -> Tuple[str, str]:
 
 def make_loader(dataset, batch_size: int, train: bool, workers: int = 0, collate=collate_fn,
                 seed: int = 0) -> DataLoader:
-    sampler = None
-    if D.is_distributed():
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=train,
-                                                                  seed=seed)
+    """A DataLoader. Training: the order of epoch ``e`` is a permutation drawn from
+    ``(seed, e)`` (the same on every rank, each rank taking its share), and each worker's
+    generators are seeded from ``(seed, e, rank, worker id)``; the Trainer calls ``set_epoch``
+    on the sampler and the ``worker_init_fn``. Workers are started per epoch (not persistent)."""
+    from .seeding import SeededSampler, WorkerSeeder
+
+    world, rank = D.get_world_size(), D.get_rank()
+    if train:
+        sampler = SeededSampler(len(dataset), seed=seed, shuffle=True, rank=rank, world=world)
+        init_fn = WorkerSeeder(seed, rank)
+    elif D.is_distributed():
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=False)
+        init_fn = None
+    else:
+        sampler, init_fn = None, None
     # training drops the last incomplete batch (as the official recipe does) only when there
     # is at least one full batch: a data set smaller than the batch still trains
-    per_rank = len(dataset) // (D.get_world_size() if D.is_distributed() else 1)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
-                      sampler=sampler, num_workers=workers, collate_fn=collate,
+    per_rank = len(dataset) // world
+    # the loader's own generator: its per-iterator draw must not consume the global one
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler,
+                      num_workers=workers, collate_fn=collate, worker_init_fn=init_fn,
+                      generator=torch.Generator().manual_seed(seed),
                       drop_last=train and per_rank >= batch_size, persistent_workers=False)
 
 
@@ -94,8 +107,10 @@ def run_demo(out_dir: str = "demo_output", preset: str = "rtdetr_r18vd", epochs:
     from ..visualize import draw_detections
     from .train import TrainConfig, Trainer
 
+    from .seeding import seed_everything
+
     t_start = time.perf_counter()
-    torch.manual_seed(seed)
+    seed_everything(seed)
     data_root = os.path.join(out_dir, "data")
     make_synthetic_coco(data_root, num_train=num_train, num_val=num_val, size=DEMO_SIZE,
                         classes=DEMO_CLASSES, seed=seed)
@@ -103,13 +118,13 @@ def run_demo(out_dir: str = "demo_output", preset: str = "rtdetr_r18vd", epochs:
         f"{DEMO_SIZE[0]}x{DEMO_SIZE[1]} under {data_root}")
     train_ds, val_ds = coco_datasets(data_root, DEMO_SIZE, augment="light")
     model = RTDETR.from_name(preset, num_classes=len(DEMO_CLASSES), **DEMO_MODEL)
-    loader = make_loader(train_ds, batch_size, train=True)
+    loader = make_loader(train_ds, batch_size, train=True, seed=seed)
     steps = epochs * len(loader)
     cfg = TrainConfig(epochs=epochs, lr=lr, backbone_lr=lr, warmup_steps=min(100, steps // 10),
                       lr_milestones=(max(epochs - 2, 1),), ema_decay=0.999,
                       ema_warmups=max(steps // 10, 1), clip_max_norm=0.1,
                       output_dir=os.path.join(out_dir, "train"), eval_every=max(epochs // 3, 1),
-                      log_every=10, progress=progress, best_metric="AP50")
+                      log_every=10, progress=progress, best_metric="AP50", seed=seed)
     evaluate_fn = coco_evaluate_fn(val_ds, batch_size, device, progress=progress)
     trainer = Trainer(model, loader, cfg, evaluate_fn=evaluate_fn, device=device)
     log(f"demo: training {preset} (narrowed: {DEMO_MODEL}) from scratch for {epochs} epochs "

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from . import distributed as D
 from .ema import ModelEMA, unwrap
+from .seeding import seed_epoch, set_deterministic
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,12 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None
     # the metric that picks best.pth (a key of the evaluation's result)
     best_metric: str = "AP"
+    # every epoch's randomness (data order, worker and main-process generators: augmentation,
+    # multi-scale sizes, denoising noise) drawn from (seed, epoch, rank); None: the generators
+    # run on from wherever they are (still restored exactly by resume)
+    seed: Optional[int] = None
+    # torch.use_deterministic_algorithms(True) and the ops' deterministic backward
+    deterministic: bool = False
 
     def __post_init__(self):
         if self.amp not in ("none", "bf16", "fp16"):
@@ -174,6 +181,8 @@ class Trainer:
                  evaluate_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
                  device: torch.device | str = "cpu"):
         self.cfg = cfg
+        if cfg.deterministic:
+            set_deterministic(True)
         self.device = torch.device(device)
         self.model = model.to(self.device)
         self.train_loader = train_loader
@@ -198,7 +207,7 @@ class Trainer:
                 "scheduler": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step": self.step, "best": self.best,
-                "rng": _rng_state(),
+                "rng": _rng_state(), "seed": self.cfg.seed,
                 "train_config": dataclasses.asdict(self.cfg),
                 "model_config": dataclasses.asdict(unwrap(self.model).config)
                 if hasattr(unwrap(self.model), "config") else None}
@@ -253,6 +262,30 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state.get("best")
         _set_rng_state(state["rng"])
+        if self.cfg.seed is None and state.get("seed") is not None:
+            # the run's own seed, so the next epochs draw what the uninterrupted run draws
+            self.cfg = dataclasses.replace(self.cfg, seed=int(state["seed"]))
+        self._trim_log()
+
+    def _trim_log(self) -> None:
+        """Drop the log records of steps after the checkpoint (an interrupted epoch), so the
+        resumed run's log reads as the uninterrupted run's."""
+        if not (self.main and os.path.isfile(self.log_path)):
+            return
+        with open(self.log_path) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) > self.step:
+                    continue
+            except (ValueError, AttributeError):
+                pass
+            keep.append(line)
+        if len(keep) != len(lines):
+            with open(self.log_path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(self.log_path + ".tmp", self.log_path)
 
     # ------------------------------------------------------------------ loop
     def _log(self, record: Dict) -> None:
@@ -278,8 +311,8 @@ class Trainer:
             last = os.path.join(self.cfg.output_dir, "last.pth")
             terms = {k: float(v) for k, v in out["loss_dict"].items() if not torch.isfinite(v)}
             raise TrainingDiverged(
-                f"loss is {float(loss)} at epoch {self.epoch} step {self.step} (non-finite "
-                f"terms: {terms}); training stopped. The last good checkpoint is untouched"
+                f"loss is {float(loss)} in epoch {self.epoch + 1} at step {self.step + 1} "
+                f"(non-finite terms: {terms}); training stopped. The last good checkpoint is untouched"
                 f"{' at ' + last if os.path.exists(last) else ''}; lower the learning rate or "
                 "check the data")
         self.optimizer.zero_grad(set_to_none=True)
@@ -298,8 +331,13 @@ class Trainer:
 
     def train_one_epoch(self) -> Dict[str, float]:
         self.ddp_model.train()
+        # self.epoch: epochs done so far, i.e. the 0-based index of this epoch (what PyTorch's
+        # set_epoch takes); the log, progress bar and checkpoints show it plus one
+        if self.cfg.seed is not None:
+            seed_epoch(self.cfg.seed, self.epoch, D.get_rank())
         for obj in (getattr(self.train_loader, "sampler", None),
-                    getattr(self.train_loader, "collate_fn", None)):
+                    getattr(self.train_loader, "collate_fn", None),
+                    getattr(self.train_loader, "worker_init_fn", None)):
             if hasattr(obj, "set_epoch"):
                 obj.set_epoch(self.epoch)
         total = None
