@@ -4,6 +4,8 @@
 // attention_weights [B, Q, H, N], where level l owns num_points[l] consecutive points and
 // N = sum(num_points). The [B, Q, H, L, P, 2] form of the paper is a free view of it with
 // num_points = [P] * L; RT-DETRv2's per-level point counts need no padding.
+// spatial_shapes ([2L]: H_0, W_0, H_1, W_1, ...) and level_start_index ([L]) are host ints,
+// never tensors: no call reads data back from the device, and the checks run on every device.
 #include "ms_deform_attn/ms_deform_attn.h"
 
 #include <torch/library.h>
@@ -15,8 +17,8 @@
 namespace rtdetr_fast {
 namespace msda {
 
-Dims check_args(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+Dims check_args(const at::Tensor& value, c10::IntArrayRef spatial_shapes,
+                c10::IntArrayRef level_start_index, const at::Tensor& sampling_locations,
                 const at::Tensor& attention_weights, c10::IntArrayRef num_points,
                 const at::Tensor* grad_output) {
   RTDETR_CHECK_DIM(value, 4, "[B, S, H, D]");
@@ -30,11 +32,11 @@ Dims check_args(const at::Tensor& value, const at::Tensor& spatial_shapes,
   d.Q = sampling_locations.size(1);
   d.L = static_cast<int64_t>(num_points.size());
   TORCH_CHECK(d.L >= 1, "num_points must have one entry per level, got none");
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(0) == d.L &&
-                  spatial_shapes.size(1) == 2,
-              "spatial_shapes must be [L, 2] = [", d.L, ", 2], got ", spatial_shapes.sizes());
-  TORCH_CHECK(level_start_index.dim() == 1 && level_start_index.size(0) == d.L,
-              "level_start_index must be [L] = [", d.L, "], got ", level_start_index.sizes());
+  TORCH_CHECK(static_cast<int64_t>(spatial_shapes.size()) == 2 * d.L,
+              "spatial_shapes must be 2L = ", 2 * d.L, " ints (H_0, W_0, H_1, ...), got ",
+              spatial_shapes.size());
+  TORCH_CHECK(static_cast<int64_t>(level_start_index.size()) == d.L,
+              "level_start_index must be L = ", d.L, " ints, got ", level_start_index.size());
   d.point_start.assign(1, 0);
   for (int64_t p : num_points) {
     TORCH_CHECK(p >= 1 && p <= INT_MAX / 2, "num_points entries must be positive, got ",
@@ -69,28 +71,19 @@ Dims check_args(const at::Tensor& value, const at::Tensor& spatial_shapes,
               value.scalar_type());
   RTDETR_CHECK_DTYPE(sampling_locations, value);
   RTDETR_CHECK_DTYPE(attention_weights, value);
-  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong, "spatial_shapes must be int64, got ",
-              spatial_shapes.scalar_type());
-  TORCH_CHECK(level_start_index.scalar_type() == at::kLong,
-              "level_start_index must be int64, got ", level_start_index.scalar_type());
   RTDETR_CHECK_DEVICE(sampling_locations, value);
   RTDETR_CHECK_DEVICE(attention_weights, value);
-  RTDETR_CHECK_DEVICE(spatial_shapes, value);
-  RTDETR_CHECK_DEVICE(level_start_index, value);
   RTDETR_CHECK_CONTIGUOUS(value);
   RTDETR_CHECK_CONTIGUOUS(sampling_locations);
   RTDETR_CHECK_CONTIGUOUS(attention_weights);
-  RTDETR_CHECK_CONTIGUOUS(spatial_shapes);
-  RTDETR_CHECK_CONTIGUOUS(level_start_index);
   return d;
 }
 
-void check_levels_on_host(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                          int64_t S) {
-  const int64_t* shp = spatial_shapes.data_ptr<int64_t>();
-  const int64_t* start = level_start_index.data_ptr<int64_t>();
+void check_levels(c10::IntArrayRef spatial_shapes, c10::IntArrayRef level_start_index, int64_t S) {
+  const int64_t* shp = spatial_shapes.data();
+  const int64_t* start = level_start_index.data();
   int64_t total = 0;
-  for (int64_t l = 0; l < spatial_shapes.size(0); ++l) {
+  for (int64_t l = 0; l < static_cast<int64_t>(level_start_index.size()); ++l) {
     TORCH_CHECK(shp[2 * l] >= 1 && shp[2 * l + 1] >= 1,
                 "spatial_shapes entries must be positive, got (", shp[2 * l], ", ",
                 shp[2 * l + 1], ") at level ", l);
@@ -107,10 +100,10 @@ void check_levels_on_host(const at::Tensor& spatial_shapes, const at::Tensor& le
 
 TORCH_LIBRARY_FRAGMENT(rtdetr_fast, m) {
   m.def(
-      "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "ms_deform_attn(Tensor value, int[] spatial_shapes, int[] level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights, int[] num_points) -> Tensor");
   m.def(
-      "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
-      "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights, "
+      "ms_deform_attn_backward(Tensor grad_output, Tensor value, int[] spatial_shapes, "
+      "int[] level_start_index, Tensor sampling_locations, Tensor attention_weights, "
       "int[] num_points, bool deterministic) -> (Tensor, Tensor, Tensor)");
 }

@@ -17,24 +17,24 @@ struct Dims {
 
 // Validates the arguments of rtdetr_fast::ms_deform_attn (and, with grad_output, of its
 // backward) and returns their sizes. Kernels assume everything checked here.
-Dims check_args(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+// spatial_shapes is [2L] = (H_0, W_0, H_1, W_1, ...) and level_start_index [L]: host ints, so
+// no call reads tensor data back from the device.
+Dims check_args(const at::Tensor& value, c10::IntArrayRef spatial_shapes,
+                c10::IntArrayRef level_start_index, const at::Tensor& sampling_locations,
                 const at::Tensor& attention_weights, c10::IntArrayRef num_points,
                 const at::Tensor* grad_output);
 
-// Host-side consistency of spatial_shapes / level_start_index with S; only for CPU tensors,
-// where reading them costs nothing.
-void check_levels_on_host(const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                          int64_t S);
+// Consistency of spatial_shapes / level_start_index with S (host ints: free on every device).
+void check_levels(c10::IntArrayRef spatial_shapes, c10::IntArrayRef level_start_index, int64_t S);
 
-at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                              const at::Tensor& level_start_index,
+at::Tensor ms_deform_attn_cpu(const at::Tensor& value, c10::IntArrayRef spatial_shapes,
+                              c10::IntArrayRef level_start_index,
                               const at::Tensor& sampling_locations,
                               const at::Tensor& attention_weights, c10::IntArrayRef num_points);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& grad_output, const at::Tensor& value, c10::IntArrayRef spatial_shapes,
+    c10::IntArrayRef level_start_index, const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights, c10::IntArrayRef num_points, bool deterministic);
 
 }  // namespace msda

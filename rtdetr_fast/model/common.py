@@ -1,11 +1,13 @@
 """Building blocks shared by the backbone, encoder and decoder."""
 from __future__ import annotations
 
+import collections
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 
 def get_activation(name: str | None) -> nn.Module:
@@ -171,3 +173,54 @@ def elementwise_box_iou(a: torch.Tensor, b: torch.Tensor):
     hull_wh = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0)
     hull = hull_wh[:, 0] * hull_wh[:, 1]
     return iou, iou - (hull - union) / hull
+
+
+def feature_size(size, stride: int):
+    """(H, W) of the feature map at ``stride`` for an input of ``size`` (H, W): each stride-2
+    step of the network (3x3 convs with padding 1, the stem's max-pool) rounds up."""
+    h, w = (int(s) for s in size)
+    while stride > 1:
+        h, w, stride = (h + 1) // 2, (w + 1) // 2, stride // 2
+    return h, w
+
+
+class ShapeCache:
+    """Tensors that depend only on feature-map sizes (anchors, position embeddings), made once
+    per (shape, device, dtype) and kept in a bounded LRU. Entries whose shape is in ``pinned``
+    (the eval size's) are never evicted. Nothing is stored while torch.compile traces or when
+    the tensor made is a fake one (FakeTensorMode, torch.export), so the cache only ever holds
+    real tensors."""
+
+    def __init__(self, maxsize: int = 8, pinned=()):
+        self.maxsize = maxsize
+        self.pinned = set(pinned)
+        self._entries: "collections.OrderedDict" = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self):
+        return list(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def get(self, shape, device, dtype, make):
+        key = (shape, torch.device(device), dtype)
+        hit = self._entries.get(key)
+        if torch.compiler.is_compiling():
+            return hit if hit is not None else make()
+        if hit is not None:
+            self._entries.move_to_end(key)
+            return hit
+        hit = make()
+        tensors = hit if isinstance(hit, (tuple, list)) else (hit,)
+        if any(is_fake(t) for t in tensors):
+            return hit
+        self._entries[key] = hit
+        if len(self._entries) > self.maxsize:
+            for k in list(self._entries):
+                if k[0] not in self.pinned and k != key:
+                    del self._entries[k]
+                    break
+        return hit

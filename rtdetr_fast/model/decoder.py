@@ -14,7 +14,8 @@ from torch.nn import init
 
 from .. import ops
 from ..config import DecoderConfig
-from .common import MLP, bias_init_with_prob, get_activation, inverse_sigmoid
+from .common import (MLP, ShapeCache, bias_init_with_prob, feature_size, get_activation,
+                     inverse_sigmoid)
 
 
 class MSDeformableAttention(nn.Module):
@@ -54,8 +55,10 @@ class MSDeformableAttention(nn.Module):
         init.constant_(self.output_proj.bias, 0)
 
     def forward(self, query: torch.Tensor, reference_points: torch.Tensor, value: torch.Tensor,
-                spatial_shapes: torch.Tensor, level_start_index: torch.Tensor) -> torch.Tensor:
-        """query [B,Q,C]; reference_points [B,Q,1,4] (cx, cy, w, h in [0,1]); value [B,S,C]."""
+                spatial_shapes, level_start_index) -> torch.Tensor:
+        """query [B,Q,C]; reference_points [B,Q,1,4] (cx, cy, w, h in [0,1]); value [B,S,C];
+        spatial_shapes L pairs (H_l, W_l) and level_start_index L ints (host ints: an int64
+        tensor also works, at the cost of a host read per call)."""
         B, Q = query.shape[:2]
         H, L, P = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(value).reshape(B, value.shape[1], H, self.head_dim)
@@ -63,7 +66,12 @@ class MSDeformableAttention(nn.Module):
         weights = self.attention_weights(query).reshape(B, Q, H, L * P)
         weights = F.softmax(weights, dim=-1).reshape(B, Q, H, L, P)
         if reference_points.shape[-1] == 2:
-            normalizer = spatial_shapes.flip([1]).reshape(1, 1, 1, L, 1, 2).to(offsets.dtype)
+            if isinstance(spatial_shapes, torch.Tensor):
+                normalizer = spatial_shapes.flip([1]).to(offsets.device, offsets.dtype)
+            else:
+                normalizer = torch.tensor([[w, h] for h, w in spatial_shapes],
+                                          dtype=offsets.dtype, device=offsets.device)
+            normalizer = normalizer.reshape(1, 1, 1, L, 1, 2)
             locations = (reference_points.reshape(B, Q, 1, L, 1, 2) + offsets / normalizer)
         elif reference_points.shape[-1] == 4:
             # offsets are in units of the box's half size, spread over the points
@@ -184,8 +192,12 @@ class RTDETRDecoder(nn.Module):
                                             for _ in range(cfg.num_decoder_layers))
         self.dec_bbox_head = nn.ModuleList(MLP(cfg.hidden_dim, cfg.hidden_dim, 4, num_layers=3)
                                            for _ in range(cfg.num_decoder_layers))
-        # anchors by spatial shapes; made on first use (the eval size's stays cached)
-        self._anchor_cache: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+        # anchors by (spatial shapes, device, dtype), made on the device on first use and kept
+        # in a bounded LRU in which the eval size's never expire
+        pinned = ()
+        if eval_spatial_size is not None:
+            pinned = (tuple(feature_size(eval_spatial_size, s) for s in self.feat_strides),)
+        self._anchor_cache = ShapeCache(maxsize=8, pinned=pinned)
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -242,36 +254,38 @@ class RTDETRDecoder(nn.Module):
         for h, w in shapes:
             starts.append(total)
             total += h * w
-        device = flat.device
-        spatial_shapes = torch.tensor(shapes, dtype=torch.int64, device=device)
-        level_start_index = torch.tensor(starts, dtype=torch.int64, device=device)
-        return flat, shapes, spatial_shapes, level_start_index
+        # host ints all the way to the op: no tensor made, copied or read back per forward
+        return flat, shapes, shapes, starts
 
     def generate_anchors(self, shapes, grid_size: float = 0.05, dtype=torch.float32,
                          device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
-        """Unactivated anchors [1,S,4] (inf where invalid) and the valid mask [1,S,1]."""
+        """Unactivated anchors [1,S,4] (inf where invalid) and the valid mask [1,S,1], made on
+        ``device``."""
         anchors = []
         for lvl, (h, w) in enumerate(shapes):
-            gy, gx = torch.meshgrid(torch.arange(h, dtype=dtype), torch.arange(w, dtype=dtype),
-                                    indexing="ij")
-            xy = (torch.stack([gx, gy], -1).unsqueeze(0) + 0.5) / torch.tensor([w, h], dtype=dtype)
+            gy, gx = torch.meshgrid(torch.arange(h, dtype=dtype, device=device),
+                                    torch.arange(w, dtype=dtype, device=device), indexing="ij")
+            xy = (torch.stack([gx, gy], -1).unsqueeze(0) + 0.5) / torch.tensor(
+                [w, h], dtype=dtype, device=device)
             wh = torch.ones_like(xy) * grid_size * (2.0 ** lvl)
             anchors.append(torch.cat([xy, wh], -1).reshape(-1, h * w, 4))
         anchors = torch.cat(anchors, 1)
         valid = ((anchors > self.eps) * (anchors < 1 - self.eps)).all(-1, keepdim=True)
         anchors = torch.log(anchors / (1 - anchors))
         anchors = torch.where(valid, anchors, torch.inf)
-        return anchors.to(device), valid.to(device)
+        return anchors, valid
 
-    def anchors_for(self, shapes, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        key = tuple(shapes)
-        hit = self._anchor_cache.get(key)
-        if hit is None or hit[0].device != torch.device(device):
-            hit = self.generate_anchors(shapes, device=device)
-            if len(self._anchor_cache) >= 8:
-                self._anchor_cache.clear()
-            self._anchor_cache[key] = hit
-        return hit
+    def anchors_for(self, shapes, device, dtype=torch.float32
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Cached :meth:`generate_anchors` (computed in float32, as the official model does,
+        then cast to ``dtype``); the valid mask comes in ``dtype`` too (1/0)."""
+        shapes = tuple(tuple(int(s) for s in hw) for hw in shapes)
+
+        def make():
+            anchors, valid = self.generate_anchors(shapes, device=device)
+            return anchors.to(dtype), valid.to(dtype)
+
+        return self._anchor_cache.get(shapes, device, dtype, make)
 
     def _get_decoder_input(self, memory, shapes, denoising_class=None, denoising_bbox_unact=None):
         B, N = memory.shape[:2]
@@ -279,7 +293,9 @@ class RTDETRDecoder(nn.Module):
             raise ValueError(f"the input gives N={N} anchors over feature maps {list(shapes)}, "
                              f"fewer than num_queries={self.num_queries}: use a larger image "
                              "or a smaller num_queries")
-        anchors, valid = self.anchors_for(shapes, memory.device)
+        # anchors stay float32 for half-precision memory (the official model's sum)
+        anchors, valid = self.anchors_for(shapes, memory.device,
+                                          torch.promote_types(memory.dtype, torch.float32))
         memory = valid.to(memory.dtype) * memory
         output_memory = self.enc_output(memory)
         enc_class = self.enc_score_head(output_memory)

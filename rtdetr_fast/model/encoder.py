@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import EncoderConfig
-from .common import ConvNormLayer, bn_scale_shift, get_activation, nearest_upsample_to
+from .common import (ConvNormLayer, ShapeCache, bn_scale_shift, feature_size, get_activation,
+                     nearest_upsample_to)
 
 
 class RepVggBlock(nn.Module):
@@ -130,7 +131,7 @@ class TransformerEncoder(nn.Module):
 
 
 def sincos_position_embedding(w: int, h: int, embed_dim: int = 256,
-                              temperature: float = 10000.0) -> torch.Tensor:
+                              temperature: float = 10000.0, device=None) -> torch.Tensor:
     """2-D sin-cos embedding [1, w*h, embed_dim], laid out exactly as the official encoder's.
 
     The grid is built with meshgrid(w, h, indexing='ij'), so row t of the table belongs to
@@ -139,10 +140,12 @@ def sincos_position_embedding(w: int, h: int, embed_dim: int = 256,
     """
     if embed_dim % 4:
         raise ValueError(f"embed_dim must be a multiple of 4, got {embed_dim}")
-    grid_w, grid_h = torch.meshgrid(torch.arange(int(w), dtype=torch.float32),
-                                    torch.arange(int(h), dtype=torch.float32), indexing="ij")
+    grid_w, grid_h = torch.meshgrid(torch.arange(int(w), dtype=torch.float32, device=device),
+                                    torch.arange(int(h), dtype=torch.float32, device=device),
+                                    indexing="ij")
     pos_dim = embed_dim // 4
-    omega = 1.0 / (temperature ** (torch.arange(pos_dim, dtype=torch.float32) / pos_dim))
+    omega = 1.0 / (temperature ** (torch.arange(pos_dim, dtype=torch.float32, device=device)
+                                   / pos_dim))
     out_w = grid_w.flatten()[:, None] @ omega[None]
     out_h = grid_h.flatten()[:, None] @ omega[None]
     return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)[None]
@@ -185,17 +188,22 @@ class HybridEncoder(nn.Module):
             self.downsample_convs.append(ConvNormLayer(hidden, hidden, 3, 2, act=cfg.act))
             self.pan_blocks.append(CSPRepLayer(hidden * 2, hidden, blocks, act=cfg.act,
                                                expansion=cfg.expansion))
-        # position embeddings by (w, h): the eval size's are made once, others on first use
-        self._pos_cache: Dict[Tuple[int, int], torch.Tensor] = {}
+        # position embeddings by ((w, h), device, dtype), made on the device on first use and
+        # kept in a bounded LRU in which the eval size's never expire
+        pinned = ()
+        if eval_spatial_size is not None:
+            pinned = tuple(feature_size(eval_spatial_size, self.feat_strides[i])[::-1]
+                           for i in self.use_encoder_idx)
+        self._pos_cache = ShapeCache(maxsize=8, pinned=pinned)
 
     def position_embedding(self, w: int, h: int, device, dtype) -> torch.Tensor:
-        key = (w, h)
-        pe = self._pos_cache.get(key)
-        if pe is None:
-            pe = sincos_position_embedding(w, h, self.hidden_dim, self.pe_temperature)
-            if len(self._pos_cache) < 8:
-                self._pos_cache[key] = pe
-        return pe.to(device=device, dtype=dtype)
+        """The [1, w*h, hidden] embedding, computed in float32 on ``device`` once per
+        ((w, h), device, dtype) and cached."""
+        w, h = int(w), int(h)
+        return self._pos_cache.get(
+            (w, h), device, dtype,
+            lambda: sincos_position_embedding(w, h, self.hidden_dim, self.pe_temperature,
+                                              device=device).to(dtype))
 
     def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
         if len(feats) != len(self.in_channels):

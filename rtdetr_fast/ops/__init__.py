@@ -8,7 +8,7 @@ S = sum of H_l*W_l, C classes, N anchors, K selected.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -44,8 +44,9 @@ def _shape(t: torch.Tensor) -> str:
 
 def _check_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
                           attention_weights, num_points_list=None) -> None:
-    named = dict(value=value, spatial_shapes=spatial_shapes, level_start_index=level_start_index,
-                 sampling_locations=sampling_locations, attention_weights=attention_weights)
+    """Validates the arguments; returns the level table as host ints (shapes, starts)."""
+    named = dict(value=value, sampling_locations=sampling_locations,
+                 attention_weights=attention_weights)
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -83,14 +84,7 @@ def _check_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_loc
         if tuple(attention_weights.shape) != (B, Q, H, N):
             raise ValueError(f"attention_weights must be [B, Q, H, N] = [{B}, {Q}, {H}, {N}], "
                              f"got {_shape(attention_weights)}")
-    if spatial_shapes.dim() != 2 or tuple(spatial_shapes.shape) != (L, 2):
-        raise ValueError(f"spatial_shapes must be [L, 2] = [{L}, 2], got {_shape(spatial_shapes)}")
-    if tuple(level_start_index.shape) != (L,):
-        raise ValueError(f"level_start_index must be [L] = [{L}], got {_shape(level_start_index)}")
-    for name in ("spatial_shapes", "level_start_index"):
-        t = named[name]
-        if t.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must be an integer tensor (int64), got {t.dtype}")
+    shapes, starts = _levels(spatial_shapes, level_start_index, L)
     if not value.is_floating_point():
         raise TypeError(f"value must be floating point, got {value.dtype}")
     for name in ("sampling_locations", "attention_weights"):
@@ -100,25 +94,67 @@ def _check_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_loc
     for name in ("sampling_locations", "attention_weights"):
         if named[name].device != value.device:
             raise ValueError(f"{name} is on {named[name].device}, value on {value.device}")
-    # shapes and starts are read on the host; they are small and usually live there already.
-    # Reading a CUDA tensor synchronises, which a CUDA graph capture forbids: the kernels then
-    # bound every read by S instead.
-    capturing = spatial_shapes.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not _backend._is_compiling() and not capturing:
-        shapes = spatial_shapes.tolist()
-        starts = level_start_index.tolist()
-        expect, total = [], 0
+    # the level table is host ints (the model passes them so): checking it reads no tensor
+    expect, total = [], 0
+    for h, w in shapes:
+        if h < 1 or w < 1:
+            raise ValueError(f"spatial_shapes entries must be positive, got {shapes}")
+        expect.append(total)
+        total += h * w
+    if total != S:
+        raise ValueError(f"sum of H_l*W_l over spatial_shapes is {total}, but value has "
+                         f"S={S}")
+    if starts != expect:
+        raise ValueError(f"level_start_index must be {expect} for spatial_shapes {shapes}, "
+                         f"got {starts}")
+    return shapes, starts
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, torch.SymInt)) and not isinstance(x, bool)
+
+
+def _levels(spatial_shapes, level_start_index, L: int):
+    """spatial_shapes (L pairs of ints, or an integer tensor [L,2]) and level_start_index (L
+    ints, an integer tensor [L], or None for the running sums) -> ([(H_l, W_l)], [start_l]).
+    A tensor is read on the host: a device-to-host copy, and a synchronisation on a GPU, per
+    call. The model passes ints."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        if spatial_shapes.dim() != 2 or tuple(spatial_shapes.shape) != (L, 2):
+            raise ValueError(f"spatial_shapes must be [L, 2] = [{L}, 2], got "
+                             f"{_shape(spatial_shapes)}")
+        if spatial_shapes.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"spatial_shapes must be an integer tensor (int64), got "
+                            f"{spatial_shapes.dtype}")
+        shapes = [(h, w) for h, w in spatial_shapes.tolist()]
+    else:
+        try:
+            shapes = [tuple(hw) for hw in spatial_shapes]
+        except TypeError:
+            raise TypeError(f"spatial_shapes must be L pairs (H_l, W_l) of ints or an int64 "
+                            f"tensor [L, 2], got {type(spatial_shapes).__name__}") from None
+        if len(shapes) != L or not all(len(hw) == 2 and all(map(_is_int, hw)) for hw in shapes):
+            raise ValueError(f"spatial_shapes must be [L, 2] = [{L}, 2]: L pairs (H_l, W_l) of "
+                             f"ints, got {spatial_shapes!r}")
+    if level_start_index is None:
+        starts, total = [], 0
         for h, w in shapes:
-            if h < 1 or w < 1:
-                raise ValueError(f"spatial_shapes entries must be positive, got {shapes}")
-            expect.append(total)
+            starts.append(total)
             total += h * w
-        if total != S:
-            raise ValueError(f"sum of H_l*W_l over spatial_shapes is {total}, but value has "
-                             f"S={S}")
-        if starts != expect:
-            raise ValueError(f"level_start_index must be {expect} for spatial_shapes {shapes}, "
-                             f"got {starts}")
+    elif isinstance(level_start_index, torch.Tensor):
+        if tuple(level_start_index.shape) != (L,):
+            raise ValueError(f"level_start_index must be [L] = [{L}], got "
+                             f"{_shape(level_start_index)}")
+        if level_start_index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"level_start_index must be an integer tensor (int64), got "
+                            f"{level_start_index.dtype}")
+        starts = level_start_index.tolist()
+    else:
+        starts = list(level_start_index)
+        if len(starts) != L or not all(map(_is_int, starts)):
+            raise ValueError(f"level_start_index must be [L] = [{L}] ints, got "
+                             f"{level_start_index!r}")
+    return shapes, starts
 
 
 def _pad_points(sampling_locations, attention_weights, num_points_list):
@@ -132,13 +168,17 @@ def _pad_points(sampling_locations, attention_weights, num_points_list):
     return loc, w
 
 
-def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor,
-                   level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
-                   attention_weights: torch.Tensor,
+def ms_deform_attn(value: torch.Tensor,
+                   spatial_shapes: Union[Sequence[Tuple[int, int]], torch.Tensor],
+                   level_start_index: Union[Sequence[int], torch.Tensor, None],
+                   sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
                    num_points_list: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Multi-scale deformable attention.
 
-    value [B,S,H,D]; spatial_shapes int64 [L,2] as (H_l, W_l); level_start_index int64 [L];
+    value [B,S,H,D]; spatial_shapes: L pairs (H_l, W_l) of Python ints, or an int64 tensor
+    [L,2]; level_start_index: L ints (the running sums of H_l*W_l), an int64 tensor [L], or
+    None (computed). Ints cost nothing; a tensor is read on the host on every call (on a GPU a
+    synchronisation, which a CUDA graph capture forbids), so the model passes ints.
     sampling_locations [B,Q,H,L,P,2] normalised (x, y) (outside [0,1] samples zeros);
     attention_weights [B,Q,H,L,P] -> [B,Q,H*D]. Bilinear, align_corners=False, zero padding.
 
@@ -156,16 +196,17 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor,
                                     attention_weights.dtype)
         value, sampling_locations, attention_weights = (
             value.to(dtype), sampling_locations.to(dtype), attention_weights.to(dtype))
-    _check_ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
-                          attention_weights, num_points_list)
+    shapes, starts = _check_ms_deform_attn(value, spatial_shapes, level_start_index,
+                                           sampling_locations, attention_weights,
+                                           num_points_list)
     fn = _backend.select("ms_deform_attn", value.device.type)
     if num_points_list is None:
-        return fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return fn(value, shapes, starts, sampling_locations, attention_weights)
     if getattr(fn, "supports_num_points_list", False):
-        return fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+        return fn(value, shapes, starts, sampling_locations, attention_weights,
                   num_points_list=list(num_points_list))
     loc, w = _pad_points(sampling_locations, attention_weights, list(num_points_list))
-    return fn(value, spatial_shapes, level_start_index, loc, w)
+    return fn(value, shapes, starts, loc, w)
 
 
 def topk_select(logits: torch.Tensor, k: int, tensors: Sequence[torch.Tensor] = ()

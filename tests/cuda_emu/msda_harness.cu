@@ -63,8 +63,11 @@ std::string run_case(const Case& c, const char* name) {
     S += kShapes[l][0] * kShapes[l][1];
   }
   p.S = S;
-  p.shapes = shapes;
-  p.starts = starts;
+  for (int l = 0; l < kL; ++l) {
+    p.shapes[2 * l] = shapes[2 * l];
+    p.shapes[2 * l + 1] = shapes[2 * l + 1];
+    p.starts[l] = starts[l];
+  }
   const int64_t rows = p.B * p.Q * p.H;
   const size_t nv = static_cast<size_t>(p.B * S * p.H * p.D), nl = static_cast<size_t>(rows * p.N * 2),
                na = static_cast<size_t>(rows * p.N), no = static_cast<size_t>(rows * p.D);

@@ -227,6 +227,7 @@ def test_opcheck_native_cpu():
     native._ensure_registered()
     value, ss, lsi, loc, attn = make_inputs(2, 3, 2, 5, [(3, 4), (1, 1)], 2, dtype=torch.float32)
     B, Q, H, L, P, _ = loc.shape
+    ss, lsi = native.flat_levels(ss, lsi)
     args = (value.requires_grad_(), ss, lsi, loc.reshape(B, Q, H, L * P, 2).requires_grad_(),
             attn.reshape(B, Q, H, L * P).requires_grad_(), [P] * L)
     torch.library.opcheck(torch.ops.rtdetr_fast.ms_deform_attn.default, args)
@@ -239,6 +240,7 @@ def test_opcheck_native_cpu():
 @needs_native
 def test_torch_compile_fullgraph():
     value, ss, lsi, loc, attn = make_inputs(2, 4, 2, 8, [(4, 4), (2, 2)], 2, dtype=torch.float32)
+    ss, lsi = ss.tolist(), lsi.tolist()  # host ints: a tensor table is a host read per call
 
     def layer(v, lc, a):
         return (ops.ms_deform_attn(v, ss, lsi, lc.sigmoid(), a.softmax(-1)) * 2).sum()
@@ -303,13 +305,18 @@ def test_bad_input_names_the_argument(backend, case):
 def test_op_boundary_checks_without_the_python_layer():
     value, ss, lsi, loc, attn = make_inputs(2, 3, 2, 4, [(3, 4), (2, 2)], 2, dtype=torch.float32)
     flat_loc, flat_attn = loc.reshape(2, 3, 2, 4, 2), attn.reshape(2, 3, 2, 4)
+    ss, lsi = native.flat_levels(ss, lsi)  # the op takes int[]: (H_0, W_0, H_1, W_1), starts
     op = torch.ops.rtdetr_fast.ms_deform_attn
     with pytest.raises(RuntimeError, match=r"sampling_locations must be \[B, Q, H, N, 2\]"):
         op(value, ss, lsi, flat_loc[:, :, :1], flat_attn, [2, 2])
     with pytest.raises(RuntimeError, match="sum of H_l\\*W_l"):
         op(value[:, :-1].contiguous(), ss, lsi, flat_loc, flat_attn, [2, 2])
     with pytest.raises(RuntimeError, match="level_start_index must be the running sum"):
-        op(value, ss, torch.tensor([0, 3]), flat_loc, flat_attn, [2, 2])
+        op(value, ss, [0, 3], flat_loc, flat_attn, [2, 2])
+    with pytest.raises(RuntimeError, match="spatial_shapes must be 2L = 4 ints"):
+        op(value, ss[:3], lsi, flat_loc, flat_attn, [2, 2])
+    with pytest.raises(RuntimeError, match="spatial_shapes entries must be positive"):
+        op(value, [3, 4, 0, 4], lsi, flat_loc, flat_attn, [2, 2])
     with pytest.raises(RuntimeError, match=r"sampling_locations must be .* N=5"):
         op(value, ss, lsi, flat_loc, flat_attn, [2, 3])
     with pytest.raises(RuntimeError, match="attention_weights dtype"):
@@ -461,7 +468,8 @@ def test_cuda_opcheck_and_graph_capture():
     value, ss, lsi, loc, attn = make_inputs(2, 3, 2, 8, [(3, 4), (1, 1)], 2, dtype=torch.float32,
                                             device="cuda")
     B, Q, H, L, P, _ = loc.shape
-    flat = (value, ss, lsi, loc.reshape(B, Q, H, L * P, 2), attn.reshape(B, Q, H, L * P))
+    flat = (value, *native.flat_levels(ss, lsi), loc.reshape(B, Q, H, L * P, 2),
+            attn.reshape(B, Q, H, L * P))
     torch.library.opcheck(torch.ops.rtdetr_fast.ms_deform_attn.default, flat + ([P] * L,))
     with ops.backend("native"):
         eager = ops.ms_deform_attn(value, ss, lsi, loc, attn)
@@ -482,6 +490,7 @@ def test_cuda_opcheck_and_graph_capture():
 def test_cuda_compile_fullgraph_inductor_and_autocast():
     value, ss, lsi, loc, attn = make_inputs(2, 16, 8, 32, [(8, 8), (4, 4)], 4,
                                             dtype=torch.float32, device="cuda")
+    ss, lsi = ss.tolist(), lsi.tolist()
     w = torch.randn(256, 256, device="cuda")
 
     def layer(v, lc, a):

@@ -68,18 +68,18 @@ void backward_kernel(const T* grad_out, const T* value, const int64_t* shapes,
 
 }  // namespace
 
-at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                              const at::Tensor& level_start_index,
+at::Tensor ms_deform_attn_cpu(const at::Tensor& value, c10::IntArrayRef spatial_shapes,
+                              c10::IntArrayRef level_start_index,
                               const at::Tensor& sampling_locations,
                               const at::Tensor& attention_weights, c10::IntArrayRef num_points) {
   const Dims d = check_args(value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights, num_points, nullptr);
-  check_levels_on_host(spatial_shapes, level_start_index, d.S);
+  check_levels(spatial_shapes, level_start_index, d.S);
   at::Tensor out = at::empty({d.B, d.Q, d.H * d.D}, value.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_cpu", [&] {
-    forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), spatial_shapes.data_ptr<int64_t>(),
-                             level_start_index.data_ptr<int64_t>(),
+    forward_kernel<scalar_t>(value.data_ptr<scalar_t>(), spatial_shapes.data(),
+                             level_start_index.data(),
                              sampling_locations.data_ptr<scalar_t>(),
                              attention_weights.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d);
   });
@@ -87,14 +87,14 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, const at::Tensor& spatial
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& grad_output, const at::Tensor& value, c10::IntArrayRef spatial_shapes,
+    c10::IntArrayRef level_start_index, const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights, c10::IntArrayRef num_points, bool deterministic) {
   // the CPU backward is deterministic whatever `deterministic` says
   (void)deterministic;
   const Dims d = check_args(value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights, num_points, &grad_output);
-  check_levels_on_host(spatial_shapes, level_start_index, d.S);
+  check_levels(spatial_shapes, level_start_index, d.S);
   at::Tensor grad_value = at::zeros_like(value);
   at::Tensor grad_loc = at::zeros_like(sampling_locations);
   at::Tensor grad_attn = at::zeros_like(attention_weights);
@@ -102,8 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     return {grad_value, grad_loc, grad_attn};
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     backward_kernel<scalar_t>(grad_output.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
-                              spatial_shapes.data_ptr<int64_t>(),
-                              level_start_index.data_ptr<int64_t>(),
+                              spatial_shapes.data(), level_start_index.data(),
                               sampling_locations.data_ptr<scalar_t>(),
                               attention_weights.data_ptr<scalar_t>(),
                               grad_value.data_ptr<scalar_t>(), grad_loc.data_ptr<scalar_t>(),

@@ -140,9 +140,15 @@ __device__ __forceinline__ void setup_point(const Problem& p, const T* __restric
     return;
   }
   const int l = level_of_point(p, j);
-  pt.h = __ldg(p.shapes + 2 * l);
-  pt.w = __ldg(p.shapes + 2 * l + 1);
-  const int64_t start = __ldg(p.starts + l);
+  // static indices into the parameter arrays (see level_of_point)
+  int64_t start = 0;
+#pragma unroll
+  for (int i = 0; i < kMaxLevels; ++i)
+    if (i == l) {
+      pt.h = p.shapes[2 * i];
+      pt.w = p.shapes[2 * i + 1];
+      start = p.starts[i];
+    }
   const int64_t pj = row * p.N + j;
   bilinear_corners<float>(Elem<T>::to_float(loc[2 * pj]), Elem<T>::to_float(loc[2 * pj + 1]),
                           pt.h, pt.w, start, p.S, pt.c);

@@ -11,16 +11,16 @@ namespace cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// Levels with differing point counts are described by prefix sums passed by value; uniform
-// counts (uniform_p > 0) have no limit on L.
+// The level table (shapes, starts, point prefix sums) is passed by value in the kernel's
+// parameters, so L is at most kMaxLevels.
 constexpr int kMaxLevels = 16;
 
 struct Problem {
   int64_t B, S, H, D, Q, L, N;  // N: points over all levels
   int uniform_p;                // P when every level has P points, else 0
   int point_start[kMaxLevels + 1];
-  const int64_t* shapes;  // [L, 2] (H_l, W_l), device
-  const int64_t* starts;  // [L], device
+  int64_t shapes[2 * kMaxLevels];  // (H_l, W_l) of the first L levels
+  int64_t starts[kMaxLevels];      // first row of each level in value
 };
 
 // out [B, Q, H*D] of `dtype`; every pointer contiguous on the current device.

@@ -29,10 +29,10 @@ cuda::DType to_dtype(at::ScalarType t) {
   }
 }
 
-cuda::Problem to_problem(const Dims& d, const at::Tensor& spatial_shapes,
-                         const at::Tensor& level_start_index) {
-  TORCH_CHECK(d.uniform_p > 0 || d.L <= cuda::kMaxLevels,
-              "ms_deform_attn on CUDA takes differing points per level for at most ",
+cuda::Problem to_problem(const Dims& d, c10::IntArrayRef spatial_shapes,
+                         c10::IntArrayRef level_start_index) {
+  // the level table travels in the kernel's parameters: nothing to copy to the device
+  TORCH_CHECK(d.L <= cuda::kMaxLevels, "ms_deform_attn on CUDA takes at most ",
               cuda::kMaxLevels, " levels, got L=", d.L);
   cuda::Problem p{};
   p.B = d.B;
@@ -45,17 +45,21 @@ cuda::Problem to_problem(const Dims& d, const at::Tensor& spatial_shapes,
   p.uniform_p = d.uniform_p;
   for (int l = 0; l <= cuda::kMaxLevels; ++l)
     p.point_start[l] = l <= d.L ? d.point_start[l] : d.point_start[d.L];
-  p.shapes = spatial_shapes.data_ptr<int64_t>();
-  p.starts = level_start_index.data_ptr<int64_t>();
+  for (int64_t l = 0; l < d.L; ++l) {
+    p.shapes[2 * l] = spatial_shapes[2 * l];
+    p.shapes[2 * l + 1] = spatial_shapes[2 * l + 1];
+    p.starts[l] = level_start_index[l];
+  }
   return p;
 }
 
-at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
-                               const at::Tensor& level_start_index,
+at::Tensor ms_deform_attn_cuda(const at::Tensor& value, c10::IntArrayRef spatial_shapes,
+                               c10::IntArrayRef level_start_index,
                                const at::Tensor& sampling_locations,
                                const at::Tensor& attention_weights, c10::IntArrayRef num_points) {
   const Dims d = check_args(value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights, num_points, nullptr);
+  check_levels(spatial_shapes, level_start_index, d.S);
   const cuda::DType dtype = to_dtype(value.scalar_type());
   const c10::cuda::CUDAGuard guard(value.device());
   at::Tensor out = at::empty({d.B, d.Q, d.H * d.D}, value.options());
@@ -70,11 +74,12 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value, const at::Tensor& spatia
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
-    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& grad_output, const at::Tensor& value, c10::IntArrayRef spatial_shapes,
+    c10::IntArrayRef level_start_index, const at::Tensor& sampling_locations,
     const at::Tensor& attention_weights, c10::IntArrayRef num_points, bool deterministic) {
   const Dims d = check_args(value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights, num_points, &grad_output);
+  check_levels(spatial_shapes, level_start_index, d.S);
   const cuda::DType dtype = to_dtype(value.scalar_type());
   const c10::cuda::CUDAGuard guard(value.device());
   at::Tensor grad_loc = at::zeros_like(sampling_locations);

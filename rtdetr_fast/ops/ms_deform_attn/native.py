@@ -3,12 +3,14 @@
 The ops are defined in C++ (csrc/ms_deform_attn/ms_deform_attn.cpp); their fake (meta)
 implementations and autograd formula are registered here, in Python, so torch.compile and
 CUDA graphs see one opaque op. Registration waits for the first use: importing this module
-loads neither the extension nor CUDA.
+loads neither the extension nor CUDA. ``spatial_shapes`` ([2L] ints: H_0, W_0, H_1, ...) and
+``level_start_index`` ([L] ints) are ``int[]`` in the schema: host ints, so no call reads data
+back from the device.
 """
 from __future__ import annotations
 
 import threading
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,19 +39,19 @@ def _fake_backward(grad_output, value, spatial_shapes, level_start_index, sampli
 def _setup_context(ctx, inputs, output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights, num_points \
         = inputs
-    ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations,
-                          attention_weights)
+    ctx.save_for_backward(value, sampling_locations, attention_weights)
+    ctx.spatial_shapes = list(spatial_shapes)
+    ctx.level_start_index = list(level_start_index)
     ctx.num_points = list(num_points)
 
 
 def _backward(ctx, grad_output):
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = \
-        ctx.saved_tensors
+    value, sampling_locations, attention_weights = ctx.saved_tensors
     # read when the backward runs (or is traced), so the mode in force at backward time decides
     deterministic = torch.are_deterministic_algorithms_enabled()
     grad_value, grad_loc, grad_attn = torch.ops.rtdetr_fast.ms_deform_attn_backward(
-        grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations,
-        attention_weights, ctx.num_points, deterministic)
+        grad_output.contiguous(), value, ctx.spatial_shapes, ctx.level_start_index,
+        sampling_locations, attention_weights, ctx.num_points, deterministic)
     return grad_value, None, None, grad_loc, grad_attn, None
 
 
@@ -86,18 +88,27 @@ def flatten_points(sampling_locations: torch.Tensor, attention_weights: torch.Te
     return sampling_locations, attention_weights, [int(p) for p in num_points_list]
 
 
-def ms_deform_attn_native(value: torch.Tensor, spatial_shapes: torch.Tensor,
-                          level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+def flat_levels(spatial_shapes, level_start_index) -> Tuple[List[int], List[int]]:
+    """Level table as the op's ``int[]`` arguments: ([H_0, W_0, H_1, W_1, ...], [start_0, ...]).
+    Sequences of ints pass through; a tensor is read on the host (the caller's choice)."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    if isinstance(level_start_index, torch.Tensor):
+        level_start_index = level_start_index.tolist()
+    return ([s for hw in spatial_shapes for s in hw], list(level_start_index))
+
+
+def ms_deform_attn_native(value: torch.Tensor, spatial_shapes: Sequence[Tuple[int, int]],
+                          level_start_index: Sequence[int], sampling_locations: torch.Tensor,
                           attention_weights: torch.Tensor,
                           num_points_list: Optional[Sequence[int]] = None) -> torch.Tensor:
     if not _ensure_registered():
         raise RuntimeError("the native extension rtdetr_fast._C with ms_deform_attn is not built")
     loc, attn, num_points = flatten_points(sampling_locations, attention_weights,
                                            num_points_list)
+    shapes, starts = flat_levels(spatial_shapes, level_start_index)
     return torch.ops.rtdetr_fast.ms_deform_attn(
-        value.contiguous(), spatial_shapes.to(value.device, torch.long).contiguous(),
-        level_start_index.to(value.device, torch.long).contiguous(), loc.contiguous(),
-        attn.contiguous(), num_points)
+        value.contiguous(), shapes, starts, loc.contiguous(), attn.contiguous(), num_points)
 
 
 # ops.ms_deform_attn passes num_points_list through instead of padding to max(P)

@@ -6,15 +6,20 @@ import torch
 import torch.nn.functional as F
 
 
-def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor,
-                             level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes, level_start_index,
+                             sampling_locations: torch.Tensor,
                              attention_weights: torch.Tensor) -> torch.Tensor:
-    """value [B,S,H,D], spatial_shapes [L,2] (H_l, W_l), level_start_index [L],
-    sampling_locations [B,Q,H,L,P,2] (x, y) in [0,1], attention_weights [B,Q,H,L,P] -> [B,Q,H*D]."""
+    """value [B,S,H,D], spatial_shapes L pairs (H_l, W_l), level_start_index L ints (either
+    may also be an int64 tensor, [L,2] / [L], read on the host), sampling_locations
+    [B,Q,H,L,P,2] (x, y) in [0,1], attention_weights [B,Q,H,L,P] -> [B,Q,H*D]."""
     B, S, H, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    starts = [int(s) for s in level_start_index.tolist()]
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    if isinstance(level_start_index, torch.Tensor):
+        level_start_index = level_start_index.tolist()
+    shapes = [(h, w) for h, w in spatial_shapes]
+    starts = list(level_start_index)
     grids = 2 * sampling_locations - 1
     sampled = []
     for lvl, (h, w) in enumerate(shapes):

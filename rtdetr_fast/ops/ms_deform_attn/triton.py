@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
-from typing import Dict
+from collections import OrderedDict
+from typing import Dict, Tuple
 
 import torch
 
@@ -131,12 +132,39 @@ def triton_cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def ms_deform_attn_triton(value: torch.Tensor, spatial_shapes: torch.Tensor,
-                          level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+_level_tables: "OrderedDict[tuple, Tuple[torch.Tensor, torch.Tensor]]" = OrderedDict()
+
+
+def _level_tensors(spatial_shapes, level_start_index, device):
+    """The kernels read the level table from device memory: made once per (table, device) and
+    kept (a bounded LRU), so a steady-state call copies nothing to the device."""
+    if isinstance(spatial_shapes, torch.Tensor) and isinstance(level_start_index, torch.Tensor):
+        return (spatial_shapes.to(device, torch.long).contiguous(),
+                level_start_index.to(device, torch.long).contiguous())
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    if isinstance(level_start_index, torch.Tensor):
+        level_start_index = level_start_index.tolist()
+    key = (tuple((int(h), int(w)) for h, w in spatial_shapes),
+           tuple(int(s) for s in level_start_index), str(device))
+    hit = _level_tables.get(key)
+    if hit is None:
+        hit = (torch.tensor(key[0], dtype=torch.long, device=device).reshape(-1, 2),
+               torch.tensor(key[1], dtype=torch.long, device=device))
+        _level_tables[key] = hit
+        if len(_level_tables) > 32:
+            _level_tables.popitem(last=False)
+    else:
+        _level_tables.move_to_end(key)
+    return hit
+
+
+def ms_deform_attn_triton(value: torch.Tensor, spatial_shapes, level_start_index,
+                          sampling_locations: torch.Tensor,
                           attention_weights: torch.Tensor) -> torch.Tensor:
-    return _forward(value.contiguous(), spatial_shapes.to(value.device, torch.long).contiguous(),
-                    level_start_index.to(value.device, torch.long).contiguous(),
-                    sampling_locations.contiguous(), attention_weights.contiguous())
+    shapes, starts = _level_tensors(spatial_shapes, level_start_index, value.device)
+    return _forward(value.contiguous(), shapes, starts, sampling_locations.contiguous(),
+                    attention_weights.contiguous())
 
 
 _backend.register("ms_deform_attn", "triton", _backend.triton_supports)(ms_deform_attn_triton)
