@@ -354,23 +354,26 @@ class Trainer:
         sums: Dict[str, float] = {}
         n = 0
         t0 = time.perf_counter()
-        for images, targets in self.train_loader:
-            stats = self.train_step(images, targets)
-            n += 1
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
+        try:
+            for images, targets in self.train_loader:
+                stats = self.train_step(images, targets)
+                n += 1
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}",
+                                    lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}")
+                if self.cfg.log_every and self.step % self.cfg.log_every == 0:
+                    # epochs count from 1 in the log, as in the epoch records
+                    self._log({"type": "step", "epoch": self.epoch + 1, "step": self.step,
+                               "lr": self.optimizer.param_groups[-1]["lr"], **stats})
+                if self.cfg.max_steps_per_epoch and n >= self.cfg.max_steps_per_epoch:
+                    break
+        finally:
+            # also on an error or Ctrl-C, so a message starts on a clean line
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.3f}",
-                                lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}")
-            if self.cfg.log_every and self.step % self.cfg.log_every == 0:
-                # epochs count from 1 in the log, as in the epoch records
-                self._log({"type": "step", "epoch": self.epoch + 1, "step": self.step,
-                           "lr": self.optimizer.param_groups[-1]["lr"], **stats})
-            if self.cfg.max_steps_per_epoch and n >= self.cfg.max_steps_per_epoch:
-                break
-        if bar is not None:
-            bar.close()
+                bar.close()
         if n == 0:
             size = len(getattr(self.train_loader, "dataset", ())) if hasattr(
                 getattr(self.train_loader, "dataset", None), "__len__") else "?"

@@ -1,0 +1,177 @@
+"""Reproducible training through the command line (issue 16): the same --seed gives the same
+run; 1 epoch + --resume to 2 equals 2 epochs; a run interrupted by SIGINT mid-epoch and resumed
+with the same arguments equals the uninterrupted run, tensor for tensor (CPU)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from rtdetr_fast.cli import main
+from rtdetr_fast.data.synthetic import make_synthetic_coco
+from rtdetr_fast.engine.seeding import SeededSampler, WorkerSeeder, derive_seed
+
+TINY = ["--preset", "rtdetr_r18vd", "--size", "64", "--set", "hidden_dim=32",
+        "dim_feedforward=64", "num_queries=10", "num_denoising=6"]
+# official augmentation and multi-scale batches on every epoch, so both draw random numbers
+COMMON = ["--batch-size", "2", "--max-steps", "2", "--warmup-steps", "1", "--augment",
+          "official", "--multi-scale", "--stop-aug-epochs", "0", *TINY]
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco_repro")
+    make_synthetic_coco(root, num_train=6, num_val=2, size=(64, 64), seed=0)
+    return str(root)
+
+
+def _train(coco, out, *extra):
+    rc = main(["train", "--data", coco, "--output-dir", str(out), *COMMON, *extra])
+    assert rc == 0
+    return torch.load(os.path.join(out, "last.pth"), weights_only=True)
+
+
+def _tensors(obj, prefix=""):
+    """Every tensor of a nested checkpoint, by its path."""
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+def _differing(a, b, parts=("model", "ema", "optimizer", "scaler", "rng")):
+    ta = dict(kv for p in parts for kv in _tensors(a[p], p))
+    tb = dict(kv for p in parts for kv in _tensors(b[p], p))
+    assert ta.keys() == tb.keys() and len(ta) > 100
+    return [k for k in ta if not torch.equal(ta[k], tb[k])]
+
+
+@pytest.fixture(scope="module")
+def straight(coco, tmp_path_factory):
+    """2 epochs with --seed 5, without interruption."""
+    out = tmp_path_factory.mktemp("straight")
+    return out, _train(coco, out, "--epochs", "2", "--seed", "5", "--workers", "0")
+
+
+def test_same_seed_same_run_and_another_seed_another(coco, straight, tmp_path):
+    again = _train(coco, tmp_path / "a", "--epochs", "2", "--seed", "5", "--workers", "0")
+    assert _differing(straight[1], again) == []
+    other = _train(coco, tmp_path / "b", "--epochs", "1", "--seed", "6", "--workers", "0",
+                   "--max-steps", "1")
+    differ = _differing(straight[1], other, parts=("model",))
+    assert len(differ) > 100  # the initialisation already differs
+
+
+def test_one_epoch_then_resume_to_two_equals_two(coco, straight, tmp_path):
+    _train(coco, tmp_path, "--epochs", "1", "--seed", "5", "--workers", "0")
+    # no --seed: the resumed run takes the one saved in its checkpoint
+    resumed = _train(coco, tmp_path, "--epochs", "2", "--workers", "0",
+                     "--resume", str(tmp_path / "last.pth"))
+    assert resumed["epoch"] == straight[1]["epoch"] == 2 and resumed["seed"] == 5
+    assert _differing(straight[1], resumed) == []
+    steps = [(r["type"], r["epoch"], r["step"]) for r in map(json.loads, open(tmp_path / "log.jsonl"))]
+    assert steps == [(r["type"], r["epoch"], r["step"])
+                     for r in map(json.loads, open(straight[0] / "log.jsonl"))]
+
+
+# the CLI in a subprocess that sends itself a real SIGINT at the start of a given global step
+_INTERRUPTING = textwrap.dedent("""
+    import os, signal, sys
+    from rtdetr_fast.engine import train
+    at = int(os.environ["INTERRUPT_AT_STEP"])
+    step = train.Trainer.train_step
+    def train_step(self, *a):
+        if self.step == at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, *a)
+    train.Trainer.train_step = train_step
+    from rtdetr_fast.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _cli(args, interrupt_at=None):
+    env = dict(os.environ, INTERRUPT_AT_STEP=str(-1 if interrupt_at is None else interrupt_at))
+    return subprocess.run([sys.executable, "-c", _INTERRUPTING, *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_sigint_mid_epoch_then_resume_equals_the_straight_run_with_workers(coco, tmp_path):
+    args = ["train", "--data", coco, *COMMON, "--epochs", "2", "--seed", "3", "--workers", "2"]
+    done = _cli([*args, "--output-dir", str(tmp_path / "straight")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    # step 3 is the second step of epoch 2 (2 steps per epoch)
+    cut = _cli([*args, "--output-dir", str(tmp_path / "cut")], interrupt_at=3)
+    assert cut.returncode == 130 and "interrupted" in cut.stderr, cut.stderr[-2000:]
+    partial = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)
+    assert partial["epoch"] == 1 and partial["step"] == 2
+    resumed = _cli([*args, "--output-dir", str(tmp_path / "cut"),
+                    "--resume", str(tmp_path / "cut" / "last.pth")])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)
+    assert b["epoch"] == 2 and _differing(a, b) == []
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    fresh = SeededSampler(50, seed=7)
+    fresh.set_epoch(3)
+    used = SeededSampler(50, seed=7)
+    for e in range(4):  # iterating earlier epochs changes nothing
+        used.set_epoch(e)
+        order = list(used)
+    assert order == list(fresh) and sorted(order) == list(range(50))
+    used.set_epoch(2)
+    assert list(used) != order
+    # ranks: disjoint shares of the same permutation, padded to equal length
+    shares = [list(SeededSampler(7, seed=1, rank=r, world=2)) for r in range(2)]
+    assert len(shares[0]) == len(shares[1]) == 4 and set(shares[0] + shares[1]) == set(range(7))
+
+
+def test_worker_seeds_differ_by_epoch_rank_and_worker():
+    draws = set()
+    for epoch, rank, worker in [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1)]:
+        seeder = WorkerSeeder(seed=4, rank=rank)
+        seeder.set_epoch(epoch)
+        seeder(worker)
+        draws.add(float(torch.rand(())))
+    assert len(draws) == 4
+    assert derive_seed(1, 0) != derive_seed(0, 1)
+
+
+def test_deterministic_flag_trains_on_the_cpu(coco, tmp_path):
+    try:
+        _train(coco, tmp_path, "--epochs", "1", "--workers", "0", "--deterministic",
+               "--max-steps", "1")
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_a_refused_deterministic_op_is_one_line(coco, tmp_path, monkeypatch, capsys):
+    from rtdetr_fast.engine import train
+
+    def refuse(self, *a):
+        raise RuntimeError("rtdetr_fast ms_deform_attn backward (triton backend) does not have "
+                           "a deterministic implementation (float atomics); use the native "
+                           "backend\nmore")
+    monkeypatch.setattr(train.Trainer, "train_step", refuse)
+    try:
+        rc = main(["train", "--data", coco, "--output-dir", str(tmp_path), *COMMON,
+                   "--epochs", "1", "--workers", "0", "--deterministic"])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err
+    assert lines[0].startswith("rtdetr-fast train: error: rtdetr_fast ms_deform_attn backward "
+                               "(triton backend) does not have a deterministic implementation")
+    assert "--deterministic" in lines[0]
