@@ -412,6 +412,10 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *, opset: int =
                "size": size, "batch": batch}
     if verify:
         summary.update(verify_onnx(path, module, size=size, batch=batch))
+        if summary.get("max_score_diff", 0.0) > 1e-3 or summary.get("label_agreement", 1) < 0.9:
+            warnings.warn(f"export: {path} differs from PyTorch at batch {batch}, "
+                          f"{size[0]}x{size[1]}: max score diff {summary['max_score_diff']:.2e}, "
+                          f"labels agree {100 * summary['label_agreement']:.0f}%", stacklevel=2)
     return summary
 
 

@@ -147,6 +147,11 @@ def test_other_opsets(small, tmp_path, opset):
     assert summary["max_score_diff"] < 1e-4 and summary["label_agreement"] > 0.9
     model = onnx.load(str(path))
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [opset]
+    # traced at batch 1 (the command's default), run at batch 3 and another size
+    from rtdetr_fast.export import run_onnx
+
+    images, wh = example_inputs((256, 192), 3)
+    assert_same_detections(run_onnx(path, images, wh), eager_detections(small, images, wh))
 
 
 def test_deploy_model_equals_eager_and_leaves_the_model_alone(tmp_path):
