@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "common/codes.h"
+
 namespace {
 
 pybind11::dict build_info() {
@@ -31,9 +33,18 @@ pybind11::dict build_info() {
   return info;
 }
 
+// limits of the kernels, read by the Python bindings (one definition: common/codes.h)
+pybind11::dict limits() {
+  pybind11::dict d;
+  d["topk_max_k"] = rtdetr_fast::limits::kTopkMaxK;
+  d["topk_max_chunk"] = rtdetr_fast::limits::kTopkMaxChunk;
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rtdetr_fast native kernels";
   m.def("build_info", &build_info, "How this extension was built");
+  m.def("limits", &limits, "Limits of the native kernels (e.g. the largest top-K K)");
 }

@@ -13,14 +13,15 @@
 #include <string>
 
 #include "common/checks.h"
+#include "common/codes.h"
 
 namespace rtdetr_fast {
 namespace rep_conv {
 
 int activation_code(c10::string_view activation) {
-  if (activation == "identity") return 0;
-  if (activation == "relu") return 1;
-  if (activation == "silu") return 2;
+  if (activation == "identity") return kActIdentity;
+  if (activation == "relu") return kActRelu;
+  if (activation == "silu") return kActSilu;
   TORCH_CHECK(false, "activation must be one of ('silu', 'relu', 'identity'), got '",
               std::string(activation), "'");
   return -1;

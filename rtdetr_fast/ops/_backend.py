@@ -42,13 +42,45 @@ def register(op: str, backend: str, supports: Callable[[str], bool]):
     return deco
 
 
+# run once the extension is loaded: the Python side of the native ops (fake kernels, autograd)
+# needs the schemas the extension registers
+_LOAD_HOOKS: List[Callable[[], None]] = []
+_extension_loaded = False
+
+
+def on_extension_load(hook: Callable[[], None]) -> Callable[[], None]:
+    """Run ``hook`` when the extension loads (at once if it already has)."""
+    _LOAD_HOOKS.append(hook)
+    if _extension_loaded:
+        hook()
+    return hook
+
+
 @functools.lru_cache(maxsize=None)
 def extension():
-    """The compiled extension module, or None when it was not built."""
+    """The compiled extension module, or None when it was not built.
+
+    Loading it registers the Python side of every native op once: the op packages are imported
+    and each one's ``on_extension_load`` hooks run.
+    """
+    global _extension_loaded
     try:
-        return importlib.import_module("rtdetr_fast._C")
+        module = importlib.import_module("rtdetr_fast._C")
     except ImportError:
         return None
+    _extension_loaded = True
+    for hook in list(_LOAD_HOOKS):
+        hook()
+    _load_ops()  # op packages imported from here on run their hooks as they register them
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def limits() -> Dict[str, int]:
+    """The native kernels' limits, as the extension defines them (csrc/common/codes.h); empty
+    without the extension."""
+    module = extension()
+    return dict(module.limits()) if module is not None and hasattr(module, "limits") else {}
 
 
 def extension_has(op: str, device_type: str) -> bool:

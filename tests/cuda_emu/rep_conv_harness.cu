@@ -11,14 +11,14 @@ using harness::alloc;
 namespace {
 
 struct Case {
-  int dt;  // 0 float16, 1 bfloat16 (the launcher's codes)
+  int dt;  // kDTypeFloat16 or kDTypeBFloat16 (the harness's codes too)
   int act;
   bool bias;
   int B, H, W, C_in, C_out;
 };
 
 std::string run_case(const Case& c) {
-  const int hdt = c.dt == 0 ? 1 : 2;  // harness dtype code
+  const int hdt = c.dt;
   std::mt19937 rng(77 + c.C_in * 3 + c.C_out + c.act * 5 + c.bias);
   std::normal_distribution<double> nd(0.0, 1.0);
   const size_t nx = static_cast<size_t>(c.B) * c.H * c.W * c.C_in;
@@ -77,14 +77,14 @@ int main(int argc, char** argv) {
   // one K tile and a tiny C_out
   const int shapes[3][2] = {{40, 131}, {64, 130}, {8, 3}};
   int k = 0;
-  for (int dt = 0; dt < 2; ++dt)
+  for (int dt = rtdetr_fast::kDTypeFloat16; dt <= rtdetr_fast::kDTypeBFloat16; ++dt)
     for (int act = 0; act < 3; ++act)
       for (int bias = 0; bias < 2; ++bias, ++k) {
         const int* s = shapes[k % 3];
         // M = 2*9*10 = 180: two M tiles, the second partial
         const Case c{dt, act, bias != 0, 2, 9, 10, s[0], s[1]};
         char name[128];
-        snprintf(name, sizeof name, "rep_conv/%s_%s_%s_cin%d_cout%d", dt ? "bf16" : "f16",
+        snprintf(name, sizeof name, "rep_conv/%s_%s_%s_cin%d_cout%d", harness::dtype_name(dt),
                  act == kIdentity ? "identity" : act == kRelu ? "relu" : "silu",
                  bias ? "bias" : "nobias", s[0], s[1]);
         if (!filter.empty() && std::string(name).find(filter) == std::string::npos) continue;

@@ -285,11 +285,11 @@ cudaError_t rep_conv_forward_cuda(const void* x, const void* w, const void* bias
   const int64_t M = static_cast<int64_t>(B) * H * W;
   if (M == 0 || C_out == 0) return cudaSuccess;
   if (M > 0x7fffffff || C_in % 8 != 0) return cudaErrorInvalidValue;
-  if (dtype == 0)
+  if (dtype == kDTypeFloat16)
     return launch_typed(static_cast<const __half*>(x), static_cast<const __half*>(w),
                         static_cast<const __half*>(bias), static_cast<__half*>(y),
                         static_cast<int>(M), C_in, C_out, H, W, act, stream);
-  if (dtype == 1)
+  if (dtype == kDTypeBFloat16)
     return launch_typed(static_cast<const __nv_bfloat16*>(x),
                         static_cast<const __nv_bfloat16*>(w),
                         static_cast<const __nv_bfloat16*>(bias),

@@ -3,13 +3,17 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include "common/codes.h"
+
 namespace rtdetr_fast {
 namespace rep_conv {
 
-enum Act : int { kIdentity = 0, kRelu = 1, kSilu = 2 };
+constexpr int kIdentity = kActIdentity;
+constexpr int kRelu = kActRelu;
+constexpr int kSilu = kActSilu;
 
 // y = act(conv3x3(x, w, stride 1, pad 1) + bias), NHWC x and y, w [C_out][3][3][C_in].
-// dtype: 0 float16, 1 bfloat16. bias may be null. C_in % 8 == 0, 16-byte aligned pointers.
+// dtype: kDTypeFloat16 or kDTypeBFloat16; act: an ActCode. bias may be null. C_in % 8 == 0, 16-byte aligned pointers.
 cudaError_t rep_conv_forward_cuda(const void* x, const void* w, const void* bias, void* y,
                                   int dtype, int B, int C_in, int H, int W, int C_out, int act,
                                   cudaStream_t stream);

@@ -39,7 +39,7 @@ at::Tensor rep_conv_cuda(const at::Tensor& x, const at::Tensor& weight,
     if (act == kSilu) return y.copy_(at::silu(b));
     return y.copy_(b);
   }
-  const int dtype = x.scalar_type() == at::kHalf ? 0 : 1;
+  const int dtype = x.scalar_type() == at::kHalf ? kDTypeFloat16 : kDTypeBFloat16;
   const void* bptr = bias.has_value() ? bias->data_ptr() : nullptr;
   C10_CUDA_CHECK(rep_conv_forward_cuda(x.data_ptr(), weight.data_ptr(), bptr, y.data_ptr(),
                                        dtype, static_cast<int>(B), static_cast<int>(C_in),

@@ -123,19 +123,20 @@ __device__ __forceinline__ float load_as_float(const void* p, int64_t i) {
   return to_float(static_cast<const T*>(p)[i]);
 }
 __device__ __forceinline__ float load_any(const void* p, int dtype, int64_t i) {
-  return dtype == 0 ? load_as_float<float>(p, i)
-                    : dtype == 1 ? load_as_float<__half>(p, i) : load_as_float<__nv_bfloat16>(p, i);
+  if (dtype == kDTypeFloat32) return load_as_float<float>(p, i);
+  if (dtype == kDTypeFloat16) return load_as_float<__half>(p, i);
+  return load_as_float<__nv_bfloat16>(p, i);
 }
 // rounds through the boxes dtype, as the reference's per-op torch arithmetic does
 __device__ __forceinline__ float round_to(float x, int dtype) {
-  return dtype == 0 ? x
-                    : dtype == 1 ? __half2float(__float2half_rn(x))
-                                 : __bfloat162float(__float2bfloat16_rn(x));
+  if (dtype == kDTypeFloat32) return x;
+  if (dtype == kDTypeFloat16) return __half2float(__float2half_rn(x));
+  return __bfloat162float(__float2bfloat16_rn(x));
 }
 __device__ __forceinline__ void store_any(void* p, int dtype, int64_t i, float x) {
-  if (dtype == 0)
+  if (dtype == kDTypeFloat32)
     static_cast<float*>(p)[i] = x;
-  else if (dtype == 1)
+  else if (dtype == kDTypeFloat16)
     static_cast<__half*>(p)[i] = __float2half_rn(x);
   else
     static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(x);
@@ -252,9 +253,9 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(Params p) {
 
 cudaError_t launch_topk(const Params& p, int dtype, int64_t B, cudaStream_t stream) {
   const dim3 grid(p.G, static_cast<unsigned int>(B));
-  if (dtype == 0)
+  if (dtype == kDTypeFloat32)
     RTDETR_LAUNCH(grid, kThreads, 0, stream, topk_kernel<float>)(p);
-  else if (dtype == 1)
+  else if (dtype == kDTypeFloat16)
     RTDETR_LAUNCH(grid, kThreads, 0, stream, topk_kernel<__half>)(p);
   else
     RTDETR_LAUNCH(grid, kThreads, 0, stream, topk_kernel<__nv_bfloat16>)(p);

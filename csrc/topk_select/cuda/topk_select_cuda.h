@@ -5,12 +5,14 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "common/codes.h"
+
 namespace rtdetr_fast {
 namespace topk {
 
 constexpr int kThreads = 512;
-constexpr int kMaxChunk = 4096;  // anchors per CTA: 16 KB of order keys in shared memory
-constexpr int kMaxK = 2048;      // selected keys sorted in shared memory: 16 KB
+constexpr int kMaxChunk = limits::kTopkMaxChunk;  // anchors per CTA (order keys in shared)
+constexpr int kMaxK = limits::kTopkMaxK;          // selected keys sorted in shared memory
 
 struct Params {
   const void* logits;  // [B, N, C]
@@ -22,14 +24,14 @@ struct Params {
   int64_t* indices;               // [B, K] (null for detections)
   // detection epilogue (boxes == null for query selection)
   const void* boxes;  // [B, Q, 4] cxcywh
-  int box_dtype;
+  int box_dtype;  // DTypeCode
   const int64_t* sizes;  // [B, 2] (H, W)
   int64_t* labels;       // [B, K]
   void* xyxy;            // [B, K, 4], boxes dtype
   int64_t C_det, Q_det;
 };
 
-// dtype: 0 float32, 1 float16, 2 bfloat16. G CTAs per image, each over `chunk` anchors.
+// dtype: a DTypeCode. G CTAs per image, each over `chunk` anchors.
 cudaError_t launch_topk(const Params& p, int dtype, int64_t B, cudaStream_t stream);
 
 }  // namespace topk

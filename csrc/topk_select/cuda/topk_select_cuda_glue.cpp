@@ -23,7 +23,7 @@ void check_detections(const at::Tensor& scores, const at::Tensor& boxes,
 namespace {
 
 int dtype_code(at::ScalarType t) {
-  return t == at::kFloat ? 0 : t == at::kHalf ? 1 : 2;
+  return t == at::kFloat ? kDTypeFloat32 : t == at::kHalf ? kDTypeFloat16 : kDTypeBFloat16;
 }
 
 // CTAs per image: enough to give every SM two CTAs when B is small, at most kMaxChunk anchors

@@ -4,9 +4,9 @@
 
 x and weight channels_last, float16/bfloat16, C_in % 8 == 0; the result is channels_last. Only a
 CUDA kernel exists (mma.sync tensor cores, bias + activation in the epilogue); the CPU runs the
-reference. The fake (meta) implementation is registered here the first time the backend is probed,
-because the schema exists only once rtdetr_fast._C is loaded; nothing imports the extension at
-module import.
+reference. The fake (meta) implementation is registered once, when rtdetr_fast._C loads (the
+schema exists only then, see _backend.on_extension_load); nothing imports the extension at module
+import.
 
 Documented fallbacks to the reference (same result, never a silent wrong one): float32 (torch's
 cuDNN convolution, TF32 under torch's default ``allow_tf32``) and float64, C_in not a multiple of
@@ -39,11 +39,11 @@ def _register_python_side() -> None:
     _registered = True
 
 
+_backend.on_extension_load(_register_python_side)
+
+
 def supports(device_type: str) -> bool:
-    ok = _backend.extension_has("rep_conv", device_type)
-    if ok:
-        _register_python_side()
-    return ok
+    return _backend.extension_has("rep_conv", device_type)
 
 
 def kernel_covers(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:

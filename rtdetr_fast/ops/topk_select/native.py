@@ -4,9 +4,9 @@ The extension (csrc/topk_select/) defines
   rtdetr_fast::topk_select_indices(Tensor logits, int k) -> (Tensor scores, Tensor indices)
   rtdetr_fast::topk_detections(Tensor scores, Tensor boxes, Tensor image_sizes, int k)
       -> (Tensor scores, Tensor labels, Tensor boxes)
-Their fake (meta) implementations and the autograd of the selection are registered here, the
-first time the native backend is probed, because the schemas exist only once rtdetr_fast._C is
-loaded. Nothing here imports the extension at module import.
+Their fake (meta) implementations and the autograd of the selection are registered here once,
+when rtdetr_fast._C loads (the schemas exist only then, see _backend.on_extension_load). Nothing
+here imports the extension at module import.
 
 The selection op is the only opaque piece: the gathers of the caller's tensors are torch ops, so
 their gradients are torch's; the gradient of the scores goes through the op's registered
@@ -77,23 +77,26 @@ def _register_python_side() -> None:
     _registered = True
 
 
+_backend.on_extension_load(_register_python_side)
+
+
 def supports(device_type: str) -> bool:
-    ok = (_backend.extension_has("topk_select_indices", device_type)
-          and _backend.extension_has("topk_detections", device_type))
-    if ok:
-        _register_python_side()
-    return ok
+    return (_backend.extension_has("topk_select_indices", device_type)
+            and _backend.extension_has("topk_detections", device_type))
 
 
-# the CUDA kernel sorts the selection in 16 KB of shared memory; past this K is a full sort
-MAX_K = 2048
+def max_k() -> int:
+    """The largest K of the native kernels (the CUDA kernel sorts the selection in shared
+    memory; past it the selection is a full sort). Defined once, in the extension."""
+    return _backend.limits()["topk_max_k"]
+
 # the order key is built from float32 bits, exact for these; float64 takes the torch path
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def topk_select_native(logits: torch.Tensor, k: int, tensors: Sequence[torch.Tensor] = ()
                        ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
-    if k > MAX_K or logits.dtype not in KERNEL_DTYPES:
+    if k > max_k() or logits.dtype not in KERNEL_DTYPES:
         scores, idx = rank_with_torch(logits.amax(-1), k)
         return scores, idx, gather_rows(idx, tensors)
     scores, idx = torch.ops.rtdetr_fast.topk_select_indices(logits.contiguous(), k)
@@ -107,7 +110,7 @@ def topk_detections_native(logits: torch.Tensor, boxes: torch.Tensor,
     # (a sigmoid inside the kernel would differ from torch's by an ulp now and then, and
     # saturated scores tie, so an ulp reorders detections)
     scores = torch.sigmoid(logits)
-    if (k > MAX_K or scores.dtype not in KERNEL_DTYPES or boxes.dtype not in KERNEL_DTYPES
+    if (k > max_k() or scores.dtype not in KERNEL_DTYPES or boxes.dtype not in KERNEL_DTYPES
             or image_sizes.dtype != torch.int64):
         s, idx = rank_with_torch(scores.flatten(1), k)
         return detections_epilogue(s, idx, boxes, image_sizes, logits.shape[-1])
