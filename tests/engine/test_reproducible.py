@@ -175,3 +175,24 @@ def test_a_refused_deterministic_op_is_one_line(coco, tmp_path, monkeypatch, cap
     assert lines[0].startswith("rtdetr-fast train: error: rtdetr_fast ms_deform_attn backward "
                                "(triton backend) does not have a deterministic implementation")
     assert "--deterministic" in lines[0]
+
+
+def _torchrun(args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "rtdetr_fast", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_ddp_two_gloo_ranks_resumed_equals_straight(coco, tmp_path):
+    args = ["train", "--data", coco, *COMMON, "--seed", "2", "--workers", "0", "--device", "cpu"]
+    done = _torchrun([*args, "--epochs", "2", "--output-dir", str(tmp_path / "straight")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    first = _torchrun([*args, "--epochs", "1", "--output-dir", str(tmp_path / "resumed")])
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = _torchrun([*args, "--epochs", "2", "--output-dir", str(tmp_path / "resumed"),
+                         "--resume", str(tmp_path / "resumed" / "last.pth")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pth", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and _differing(a, b) == []
