@@ -91,6 +91,70 @@ class ConvNormLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.norm(self.conv(x)))
 
+    @property
+    def folded(self) -> bool:
+        return isinstance(self.norm, nn.Identity)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Fold the (eval-mode) norm into the conv: act(conv'(x)), conv' with a bias.
+        Idempotent."""
+        if not self.folded:
+            self.conv = fold_conv_norm(self.conv, self.norm)
+            self.norm = nn.Identity()
+
+
+def is_batch_norm(m: nn.Module) -> bool:
+    return isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))
+
+
+@torch.no_grad()
+def fold_conv_norm(conv: nn.Conv2d, norm: nn.Module) -> nn.Conv2d:
+    """A conv with bias equal to norm(conv(x)) for an eval-mode BatchNorm2d or
+    FrozenBatchNorm2d. Folded in float64 (rsqrt(var + eps) included) and rounded once to the
+    conv's dtype, so the result matches the pair to that dtype's rounding."""
+    if norm.running_mean is None or norm.running_var is None:
+        raise ValueError("cannot fold a batch norm without running statistics")
+    scale = (norm.running_var.double() + norm.eps).rsqrt()
+    if getattr(norm, "weight", None) is not None:
+        scale = scale * norm.weight.double()
+    shift = -norm.running_mean.double() * scale
+    if getattr(norm, "bias", None) is not None:
+        shift = shift + norm.bias.double()
+    if conv.bias is not None:
+        shift = shift + conv.bias.double() * scale
+    ref = conv.weight
+    folded = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                       conv.padding, conv.dilation, conv.groups, bias=True,
+                       padding_mode=conv.padding_mode, device=ref.device, dtype=ref.dtype)
+    folded.weight.copy_(ref.double() * scale.view(-1, 1, 1, 1))
+    folded.bias.copy_(shift)
+    folded.weight.requires_grad_(ref.requires_grad)
+    folded.bias.requires_grad_(ref.requires_grad)
+    return folded
+
+
+@torch.no_grad()
+def fold_batch_norms(module: nn.Module) -> int:
+    """Fold every conv + batch norm pair under ``module`` into one conv with bias: each
+    ConvNormLayer, and each (Conv2d, BatchNorm) pair of consecutive children of an
+    nn.Sequential (the input projections). Returns the number of norms folded."""
+    count = 0
+    for m in list(module.modules()):
+        if isinstance(m, ConvNormLayer):
+            if not m.folded and is_batch_norm(m.norm):
+                m.fold()
+                count += 1
+        elif isinstance(m, nn.Sequential):
+            names = list(m._modules)
+            for a, b in zip(names, names[1:]):
+                conv, norm = m._modules[a], m._modules[b]
+                if isinstance(conv, nn.Conv2d) and is_batch_norm(norm):
+                    m._modules[a] = fold_conv_norm(conv, norm)
+                    m._modules[b] = nn.Identity()
+                    count += 1
+    return count
+
 
 class MLP(nn.Module):
     """``num_layers`` linear layers with an activation between them (not after the last)."""
