@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -99,9 +99,3 @@ class WorkerSeeder:
 
     def __call__(self, worker_id: int) -> None:
         seed_everything(derive_seed(self.seed, _WORKER, self.epoch, self.rank, worker_id))
-
-
-def current_seed_of(loader) -> Optional[int]:
-    """The seed of a loader made by ``make_loader`` (None for other iterables)."""
-    sampler = getattr(loader, "sampler", None)
-    return sampler.seed if isinstance(sampler, SeededSampler) else None

@@ -312,9 +312,9 @@ class Trainer:
             terms = {k: float(v) for k, v in out["loss_dict"].items() if not torch.isfinite(v)}
             raise TrainingDiverged(
                 f"loss is {float(loss)} in epoch {self.epoch + 1} at step {self.step + 1} "
-                f"(non-finite terms: {terms}); training stopped. The last good checkpoint is untouched"
-                f"{' at ' + last if os.path.exists(last) else ''}; lower the learning rate or "
-                "check the data")
+                f"(non-finite terms: {terms}); training stopped. The last good checkpoint is "
+                f"untouched{' at ' + last if os.path.exists(last) else ''}; lower the learning "
+                "rate or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.clip_max_norm > 0:
