@@ -262,9 +262,16 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state.get("best")
         _set_rng_state(state["rng"])
-        if self.cfg.seed is None and state.get("seed") is not None:
+        saved_seed = state.get("seed")
+        if self.cfg.seed is None and saved_seed is not None:
             # the run's own seed, so the next epochs draw what the uninterrupted run draws
-            self.cfg = dataclasses.replace(self.cfg, seed=int(state["seed"]))
+            self.cfg = dataclasses.replace(self.cfg, seed=int(saved_seed))
+        elif saved_seed is not None and self.cfg.seed != saved_seed:
+            import warnings
+
+            warnings.warn(f"resuming {path!r} with seed {self.cfg.seed}; it was trained with "
+                          f"seed {saved_seed}, so the next epochs differ from that run's",
+                          RuntimeWarning, stacklevel=2)
         self._trim_log()
 
     def _trim_log(self) -> None:
