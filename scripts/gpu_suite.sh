@@ -51,8 +51,8 @@ rm -rf "$HBIN"
 # GPU tests (the CPU tests run too: they are quick and exercise the shared math)
 run python -m pytest -q -rs tests/ops/test_ms_deform_attn.py || status=1
 run python -m pytest -q -rs tests/ops -k "cuda or gpu" || status=1
-# the whole model: no host synchronisation, CUDA-graph capture and replay
-run python -m pytest -q -rs tests/model/test_no_host_sync.py || status=1
+# the whole model: no host synchronisation, CUDA-graph capture and replay, the fast path
+run python -m pytest -q -rs tests/model/test_no_host_sync.py tests/model/test_fast_path.py || status=1
 # benchmarks: GPU cases only here (CPU numbers come from CPU machines)
 run python -m pytest -q benchmarks/ops/bench_ms_deform_attn.py -k cuda \
   --benchmark-json="$JSON" --benchmark-columns=min,mean,median,stddev --benchmark-sort=name \
