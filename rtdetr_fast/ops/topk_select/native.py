@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
+import importlib
+
 import torch
 
 from .. import _backend
@@ -64,12 +66,17 @@ def detections_fake(scores, boxes, image_sizes, k):
 # -- the native backend ------------------------------------------------------------------------
 
 _registered = False
+# Read from the extension once, when it loads: a plain global is a constant to torch.compile,
+# whereas a call into the (cached) extension loader would break a fullgraph trace.
+_MAX_K = 0
 
 
 def _register_python_side() -> None:
-    global _registered
+    global _registered, _MAX_K
     if _registered:
         return
+    # the extension is imported by now (this runs from its load hook), so no loader call here
+    _MAX_K = int(importlib.import_module("rtdetr_fast._C").limits()["topk_max_k"])
     torch.library.register_fake("rtdetr_fast::topk_select_indices")(select_fake)
     torch.library.register_fake("rtdetr_fast::topk_detections")(detections_fake)
     torch.library.register_autograd("rtdetr_fast::topk_select_indices", select_backward,
@@ -88,7 +95,7 @@ def supports(device_type: str) -> bool:
 def max_k() -> int:
     """The largest K of the native kernels (the CUDA kernel sorts the selection in shared
     memory; past it the selection is a full sort). Defined once, in the extension."""
-    return _backend.limits()["topk_max_k"]
+    return _MAX_K
 
 # the order key is built from float32 bits, exact for these; float64 takes the torch path
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
