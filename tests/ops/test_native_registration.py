@@ -40,3 +40,25 @@ def test_limits_come_from_the_extension():
     lim = _backend.limits()
     assert lim["topk_max_k"] == native.max_k() == 2048
     assert lim["topk_max_chunk"] == 4096
+
+
+def test_ms_deform_attn_fake_and_autograd_registered_when_the_extension_loads():
+    # no backend probe and no ops.ms_deform_attn call: only the extension load
+    out = _run(
+        "import torch\n"
+        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+        "from rtdetr_fast.ops import _backend\n"
+        "_backend.extension()\n"
+        "op = torch.ops.rtdetr_fast.ms_deform_attn\n"
+        "v = torch.randn(1, 6, 2, 4, dtype=torch.float64, requires_grad=True)\n"
+        "loc = torch.rand(1, 3, 2, 2, 2, dtype=torch.float64)\n"
+        "w = torch.rand(1, 3, 2, 2, dtype=torch.float64, requires_grad=True)\n"
+        "out = op(v, [2, 2, 1, 2], [0, 4], loc, w, [1, 1])\n"
+        "out.sum().backward()\n"
+        "print('grad', v.grad is not None and w.grad is not None, tuple(out.shape))\n"
+        "with FakeTensorMode():\n"
+        "    f = op(torch.empty(1, 6, 2, 4), [2, 2, 1, 2], [0, 4], torch.empty(1, 3, 2, 2, 2),\n"
+        "           torch.empty(1, 3, 2, 2), [1, 1])\n"
+        "    print('fake', tuple(f.shape))\n")
+    assert "grad True (1, 3, 8)" in out
+    assert "fake (1, 3, 8)" in out

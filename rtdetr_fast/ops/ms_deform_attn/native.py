@@ -2,8 +2,8 @@
 
 The ops are defined in C++ (csrc/ms_deform_attn/ms_deform_attn.cpp); their fake (meta)
 implementations and autograd formula are registered here, in Python, so torch.compile and
-CUDA graphs see one opaque op. Registration waits for the first use: importing this module
-loads neither the extension nor CUDA. ``spatial_shapes`` ([2L] ints: H_0, W_0, H_1, ...) and
+CUDA graphs see one opaque op. They are registered once, when the extension loads
+(``_backend.on_extension_load``): importing this module loads neither the extension nor CUDA. ``spatial_shapes`` ([2L] ints: H_0, W_0, H_1, ...) and
 ``level_start_index`` ([L] ints) are ``int[]`` in the schema: host ints, so no call reads data
 back from the device.
 """
@@ -55,26 +55,30 @@ def _backward(ctx, grad_output):
     return grad_value, None, None, grad_loc, grad_attn, None
 
 
-def _ensure_registered() -> bool:
-    """Registers the fake and autograd implementations once the extension is loaded."""
+def _register_python_side() -> None:
+    """The fake and autograd implementations, registered once when the extension loads."""
     global _registered
-    if _registered:
-        return True
     with _lock:
         if _registered:
-            return True
-        if _backend.extension() is None:
-            return False
+            return
         try:
             torch.ops.rtdetr_fast.ms_deform_attn.default
         except (AttributeError, RuntimeError):
-            return False
+            return  # an extension built without this op
         torch.library.register_fake("rtdetr_fast::ms_deform_attn", _fake_forward)
         torch.library.register_fake("rtdetr_fast::ms_deform_attn_backward", _fake_backward)
         torch.library.register_autograd("rtdetr_fast::ms_deform_attn", _backward,
                                         setup_context=_setup_context)
         _registered = True
-    return True
+
+
+_backend.on_extension_load(_register_python_side)
+
+
+def _ensure_registered() -> bool:
+    """True when the extension is loaded and the op's Python side registered (by its load hook)."""
+    # the global first: torch.compile must not trace into the extension loader
+    return _registered or (_backend.extension() is not None and _registered)
 
 
 def flatten_points(sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
