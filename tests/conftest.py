@@ -63,3 +63,23 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
+
+
+class _ScalarModel(torch.nn.Module):
+    """One parameter and the model's training contract (loss and loss_dict): the Trainer's
+    bookkeeping without the detector's cost."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, images, targets):
+        loss = (self.w * images.mean()) ** 2
+        return {"loss": loss, "loss_dict": {"loss_x": loss}}
+
+
+@pytest.fixture
+def make_scalar_model():
+    """A factory: each call is a fresh model."""
+    return _ScalarModel
+

@@ -365,22 +365,13 @@ def test_cli_warnings_are_one_line():
     assert text == "rtdetr-fast: warning: skipping image 3 at 'x.png': missing\n"
 
 
-def test_log_numbers_epochs_from_one_everywhere(tmp_path):
+def test_log_numbers_epochs_from_one_everywhere(tmp_path, make_scalar_model):
     from rtdetr_fast.engine.train import TrainConfig, Trainer
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(1))
-
-        def forward(self, images, targets):
-            loss = (self.w * images.mean()) ** 2
-            return {"loss": loss, "loss_dict": {"loss_x": loss}}
 
     batch = (torch.rand(1, 3, 8, 8), [{}])
     cfg = TrainConfig(epochs=2, output_dir=str(tmp_path), progress=False, log_every=1,
                       warmup_steps=0)
-    Trainer(Tiny(), [batch, batch], cfg).fit()
+    Trainer(make_scalar_model(), [batch, batch], cfg).fit()
     records = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     steps = [r["epoch"] for r in records if r["type"] == "step"]
     epochs = [r["epoch"] for r in records if r["type"] == "epoch"]

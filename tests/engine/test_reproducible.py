@@ -199,24 +199,15 @@ def test_ddp_two_gloo_ranks_resumed_equals_straight(coco, tmp_path):
     assert a["epoch"] == b["epoch"] == 2 and _differing(a, b) == []
 
 
-def test_resume_takes_the_saved_seed_and_warns_about_another(tmp_path):
+def test_resume_takes_the_saved_seed_and_warns_about_another(tmp_path, make_scalar_model):
     from rtdetr_fast.engine.train import TrainConfig, Trainer
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.ones(1))
-
-        def forward(self, images, targets):
-            loss = (self.w * images.mean()) ** 2
-            return {"loss": loss, "loss_dict": {"loss_x": loss}}
 
     batch = (torch.rand(1, 3, 8, 8), [{}])
     cfg = TrainConfig(epochs=1, output_dir=str(tmp_path), progress=False, warmup_steps=0, seed=1)
-    Trainer(Tiny(), [batch], cfg).fit()
-    again = Trainer(Tiny(), [batch], TrainConfig(epochs=2, output_dir=str(tmp_path)))
+    Trainer(make_scalar_model(), [batch], cfg).fit()
+    again = Trainer(make_scalar_model(), [batch], TrainConfig(epochs=2, output_dir=str(tmp_path)))
     again.resume(str(tmp_path / "last.pth"))
     assert again.cfg.seed == 1
-    other = Trainer(Tiny(), [batch], TrainConfig(epochs=2, output_dir=str(tmp_path), seed=2))
+    other = Trainer(make_scalar_model(), [batch], TrainConfig(epochs=2, output_dir=str(tmp_path), seed=2))
     with pytest.warns(RuntimeWarning, match="trained with seed 1"):
         other.resume(str(tmp_path / "last.pth"))
