@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # CPU benchmarks (ops per backend and the whole model) on this machine; writes
-# benchmarks/results/cpu-<date>.md (table), .log (raw output) and .json (pytest-benchmark).
+# benchmarks/results/<NAME>-<date>.md (table), .log (raw output) and .json (pytest-benchmark).
+#   env: NAME=cpu (file prefix), SELECT=cpu (pytest -k expression choosing the benchmarks),
+#        e.g. NAME=onnx-cpu SELECT=onnx for ONNX Runtime against torch eager
 set -uo pipefail
 cd "$(dirname "$0")/.."
 STAMP=$(date +%Y-%m-%d)
-OUT=benchmarks/results/cpu-${STAMP}
+OUT=benchmarks/results/${NAME:-cpu}-${STAMP}
 mkdir -p benchmarks/results
 {
   echo "# environment"; date -u; uname -m; nproc
@@ -12,12 +14,12 @@ mkdir -p benchmarks/results
   python -m rtdetr_fast.info | sed -n '1,8p'
 } > "${OUT}.log" 2>&1
 set -o pipefail
-python -m pytest -q benchmarks -k "cpu" -p no:randomly \
+python -m pytest -q benchmarks -k "${SELECT:-cpu}" -p no:randomly \
   --benchmark-json="${OUT}.json" --benchmark-columns=min,median,mean --benchmark-sort=name \
   2>&1 | tee -a "${OUT}.log"
 status=${PIPESTATUS[0]}
 python - "${OUT}.json" "${OUT}.md" <<'PY' 2>&1 | tee -a "${OUT}.log"
-import json, sys
+import json, re, sys
 src, dst = sys.argv[1:]
 data = json.load(open(src))
 m = data["machine_info"]
@@ -28,10 +30,12 @@ lines = [f"# CPU benchmarks, {data['datetime'][:10]}", "",
          f"{m.get('cpu', {}).get('brand_raw', m.get('processor', '?'))}, "
          f"{m.get('cpu', {}).get('count', '?')} cores; python {m['python_version']}; "
          "float32; pytest-benchmark median and min (ms). Raw output in the .log beside this file.",
-         "", "| benchmark | median ms | min ms | speed-up vs reference |", "|---|---|---|---|"]
+         "", "| benchmark | median ms | min ms | speed-up vs reference (or eager-eval) |", "|---|---|---|---|"]
 for name, median, mn in rows:
     ref = name.replace("-native]", "-reference]").replace("[native-", "[reference-") \
         .replace("-native-", "-reference-")
+    if ref == name:  # ONNX Runtime and deployed eager against eval-mode eager
+        ref = re.sub(r"-(eager-deploy|ort-gather|ort)\]$", "-eager-eval]", name)
     sp = f"{med[ref] / median:.2f}x" if ref != name and ref in med else ""
     lines.append(f"| `{name}` | {median:.2f} | {mn:.2f} | {sp} |")
 open(dst, "w").write("\n".join(lines) + "\n")
