@@ -8,6 +8,7 @@ S = sum of H_l*W_l, C classes, N anchors, K selected.
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from . import _backend
 from ._backend import available_backends, backend, register
 from .ms_deform_attn import ms_deform_attn_reference
+from .ms_deform_attn.reference import METHODS as MSDA_METHODS
 from .rep_conv import ACTIVATIONS, rep_conv_reference
 from .topk_select import topk_detections_reference, topk_select_reference
 
@@ -172,7 +174,8 @@ def ms_deform_attn(value: torch.Tensor,
                    spatial_shapes: Union[Sequence[Tuple[int, int]], torch.Tensor],
                    level_start_index: Union[Sequence[int], torch.Tensor, None],
                    sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
-                   num_points_list: Optional[Sequence[int]] = None) -> torch.Tensor:
+                   num_points_list: Optional[Sequence[int]] = None,
+                   method: str = "default") -> torch.Tensor:
     """Multi-scale deformable attention.
 
     value [B,S,H,D]; spatial_shapes: L pairs (H_l, W_l) of Python ints, or an int64 tensor
@@ -186,9 +189,22 @@ def ms_deform_attn(value: torch.Tensor,
     sampling_locations [B,Q,H,N,2] and attention_weights [B,Q,H,N], N = sum(num_points_list),
     level l owning num_points_list[l] consecutive points.
 
+    ``method``: ``"default"`` samples bilinearly (above); ``"discrete"`` is RT-DETRv2's
+    nearest-cell sampling (the official ``deformable_attention_core_func_v2`` with
+    method='discrete'): on level l of H_l x W_l cells, location (x, y) reads the value row of
+    cell ix = clamp(floor(x*W_l + 0.5), 0, W_l-1), iy = clamp(floor(y*H_l + 0.5), 0, H_l-1),
+    times its weight; no interpolation and no zero padding, every sample reads a cell. The
+    official clamps both axes to H_l - 1, which is wrong on non-square levels: each axis is
+    clamped to its own extent here, as the transformers port does. A NaN coordinate reads
+    cell 0 of its axis, +inf the last one, -inf the first. Gradients flow to value and
+    attention_weights; sampling_locations gets a zero gradient (the official detaches the
+    offsets in this mode).
+
     Under torch.autocast, mixed input dtypes are promoted to the widest of them, as autocast
     does for grid_sample.
     """
+    if not isinstance(method, str) or method not in MSDA_METHODS:
+        raise ValueError(f"method must be one of {MSDA_METHODS}, got {method!r}")
     if (isinstance(value, torch.Tensor) and isinstance(sampling_locations, torch.Tensor)
             and isinstance(attention_weights, torch.Tensor)
             and torch.is_autocast_enabled(value.device.type)):
@@ -200,13 +216,21 @@ def ms_deform_attn(value: torch.Tensor,
                                            sampling_locations, attention_weights,
                                            num_points_list)
     fn = _backend.select("ms_deform_attn", value.device.type)
+    # the method is passed only when it is not the default: a backend function that predates
+    # it keeps working
+    kw = {} if method == "default" else {"method": method}
+    if method not in getattr(fn, "methods", ("default",)):
+        # transitional, while kernels of the mode are written: never bilinear in its place
+        warnings.warn(f"ms_deform_attn: the selected backend has no method={method!r} kernel; "
+                      f"running the reference implementation")
+        fn = ms_deform_attn_reference
     if num_points_list is None:
-        return fn(value, shapes, starts, sampling_locations, attention_weights)
+        return fn(value, shapes, starts, sampling_locations, attention_weights, **kw)
     if getattr(fn, "supports_num_points_list", False):
         return fn(value, shapes, starts, sampling_locations, attention_weights,
-                  num_points_list=list(num_points_list))
+                  num_points_list=list(num_points_list), **kw)
     loc, w = _pad_points(sampling_locations, attention_weights, list(num_points_list))
-    return fn(value, shapes, starts, loc, w)
+    return fn(value, shapes, starts, loc, w, **kw)
 
 
 def topk_select(logits: torch.Tensor, k: int, tensors: Sequence[torch.Tensor] = ()
