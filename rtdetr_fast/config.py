@@ -1,13 +1,15 @@
-"""Model configuration: frozen dataclasses and the named presets of the official RT-DETR (v1).
+"""Model configuration: frozen dataclasses and the named presets of the official RT-DETR (v1)
+and RT-DETRv2.
 
-The presets reproduce the official ``rtdetr_pytorch`` YAML configs (rtdetr_r18vd_6x_coco.yml and
-friends) field for field. Every field is an override of :func:`get_config`.
+The presets reproduce the official YAML configs (``rtdetr_pytorch/configs/rtdetr/*.yml`` and
+``rtdetrv2_pytorch/configs/rtdetrv2/*.yml``) field for field. Every field is an override of
+:func:`get_config`.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Tuple
+from typing import Any, Mapping, Tuple, Union
 
 __all__ = [
     "BackboneConfig",
@@ -48,13 +50,16 @@ class EncoderConfig:
     expansion: float = 1.0
     depth_mult: float = 1.0
     act: str = "silu"
+    # state-dict layout of the input projections: "v1" (input_proj.N.0/1) or "v2" (.conv/.norm)
+    version: str = "v1"
 
 
 @dataclass(frozen=True)
 class DecoderConfig:
     hidden_dim: int = 256
     num_levels: int = 3
-    num_points: int = 4
+    # sampling points per head: one count for every level, or one count per level (v2)
+    num_points: Union[int, Tuple[int, ...]] = 4
     nhead: int = 8
     num_decoder_layers: int = 6
     dim_feedforward: int = 1024
@@ -68,6 +73,22 @@ class DecoderConfig:
     eval_idx: int = -1
     eps: float = 1e-2
     aux_loss: bool = True
+    # "v1": the official RTDETRTransformer layout; "v2": RTDETRTransformerv2 (enc_output.proj/
+    # norm, a num_points_scale buffer per layer, anchors and valid_mask buffers)
+    version: str = "v1"
+    # offsets are in units of the box size times offset_scale, divided by the level's points
+    offset_scale: float = 0.5
+    # "default": bilinear sampling; "discrete": the nearest cell, its sampling offsets frozen
+    cross_attn_method: str = "default"
+    # "default": top-K by the best class score; "agnostic": by one class-agnostic score
+    query_select_method: str = "default"
+
+    @property
+    def num_points_list(self) -> Tuple[int, ...]:
+        """One sampling-point count per level."""
+        if isinstance(self.num_points, tuple):
+            return self.num_points
+        return (self.num_points,) * self.num_levels
 
 
 @dataclass(frozen=True)
@@ -115,14 +136,22 @@ def _tupled(v):
 
 
 def _preset(name, depth, freeze, in_channels, hidden_dim, dim_feedforward, expansion,
-            num_decoder_layers, eval_idx=-1) -> RTDETRConfig:
+            num_decoder_layers, eval_idx=-1, version="v1") -> RTDETRConfig:
     return RTDETRConfig(
         name=name,
         backbone=BackboneConfig(depth=depth, freeze_at=0 if freeze else -1, freeze_norm=freeze),
         encoder=EncoderConfig(in_channels=in_channels, hidden_dim=hidden_dim,
-                              dim_feedforward=dim_feedforward, expansion=expansion),
-        decoder=DecoderConfig(num_decoder_layers=num_decoder_layers, eval_idx=eval_idx),
+                              dim_feedforward=dim_feedforward, expansion=expansion,
+                              version=version),
+        decoder=DecoderConfig(num_decoder_layers=num_decoder_layers, eval_idx=eval_idx,
+                              version=version),
     )
+
+
+def _v2(name, *args, **kw) -> RTDETRConfig:
+    # rtdetrv2_pytorch/configs/rtdetrv2: the v1 architecture fields unchanged, num_points
+    # [4, 4, 4], cross_attn_method default, query_select_method default
+    return _preset(name, *args, version="v2", **kw)
 
 
 PRESETS = {
@@ -132,7 +161,17 @@ PRESETS = {
                               eval_idx=2),
     "rtdetr_r50vd": _preset("rtdetr_r50vd", 50, True, (512, 1024, 2048), 256, 1024, 1.0, 6),
     "rtdetr_r101vd": _preset("rtdetr_r101vd", 101, True, (512, 1024, 2048), 384, 2048, 1.0, 6),
+    "rtdetrv2_r18vd": _v2("rtdetrv2_r18vd", 18, False, (128, 256, 512), 256, 1024, 0.5, 3),
+    "rtdetrv2_r34vd": _v2("rtdetrv2_r34vd", 34, False, (128, 256, 512), 256, 1024, 0.5, 4),
+    "rtdetrv2_r50vd_m": _v2("rtdetrv2_r50vd_m", 50, True, (512, 1024, 2048), 256, 1024, 0.5, 6,
+                            eval_idx=2),
+    "rtdetrv2_r50vd": _v2("rtdetrv2_r50vd", 50, True, (512, 1024, 2048), 256, 1024, 1.0, 6),
+    "rtdetrv2_r101vd": _v2("rtdetrv2_r101vd", 101, True, (512, 1024, 2048), 384, 2048, 1.0, 6),
 }
+
+VERSIONS = ("v1", "v2")
+CROSS_ATTN_METHODS = ("default", "discrete")
+QUERY_SELECT_METHODS = ("default", "agnostic")
 
 _SECTIONS = ("backbone", "encoder", "decoder")
 
@@ -190,6 +229,14 @@ def _check_type(cfg: RTDETRConfig, key: str, value) -> None:
         if not dataclasses.is_dataclass(obj) or fname not in _field_names(obj) or fname in _SECTIONS:
             continue
         default = getattr(obj, fname)
+        if fname == "num_points":
+            ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+                isinstance(value, tuple)
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+            if not ok:
+                raise ValueError(f"override {key}={value!r}: expected an int or one int per "
+                                 f"level like (4, 4, 4)")
+            continue
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):
@@ -223,6 +270,22 @@ def _validate(cfg: RTDETRConfig) -> None:
         raise ValueError("encoder in_channels must have one entry per backbone return_idx")
     if dec.num_levels < len(enc.in_channels):
         raise ValueError("decoder num_levels must be >= the number of encoder feature maps")
+    if isinstance(dec.num_points, tuple):
+        if len(dec.num_points) != dec.num_levels:
+            raise ValueError(f"decoder num_points must be an int or one count per level "
+                             f"({dec.num_levels} levels), got {dec.num_points}")
+    if any(p < 1 for p in dec.num_points_list):
+        raise ValueError(f"decoder num_points must be positive, got {dec.num_points}")
+    for section, value in (("encoder", enc.version), ("decoder", dec.version)):
+        if value not in VERSIONS:
+            raise ValueError(f"{section} version must be one of {', '.join(VERSIONS)}, "
+                             f"got {value!r}")
+    if dec.cross_attn_method not in CROSS_ATTN_METHODS:
+        raise ValueError(f"decoder cross_attn_method must be one of "
+                         f"{', '.join(CROSS_ATTN_METHODS)}, got {dec.cross_attn_method!r}")
+    if dec.query_select_method not in QUERY_SELECT_METHODS:
+        raise ValueError(f"decoder query_select_method must be one of "
+                         f"{', '.join(QUERY_SELECT_METHODS)}, got {dec.query_select_method!r}")
     if not -dec.num_decoder_layers <= dec.eval_idx < dec.num_decoder_layers:
         raise ValueError(f"eval_idx {dec.eval_idx} out of range for {dec.num_decoder_layers} layers")
     if dec.num_queries < 1 or cfg.num_top_queries < 1:

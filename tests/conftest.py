@@ -19,6 +19,11 @@ KEY_FILES = {
     "rtdetr_r50vd_m": "v1_r50m.txt",
     "rtdetr_r50vd": "v1_r50.txt",
     "rtdetr_r101vd": "v1_r101.txt",
+    "rtdetrv2_r18vd": "v2_r18.txt",
+    "rtdetrv2_r34vd": "v2_r34.txt",
+    "rtdetrv2_r50vd_m": "v2_r50m.txt",
+    "rtdetrv2_r50vd": "v2_r50.txt",
+    "rtdetrv2_r101vd": "v2_r101.txt",
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,32 +19,60 @@ from .common import (MLP, ShapeCache, bias_init_with_prob, feature_size, get_act
 
 
 class MSDeformableAttention(nn.Module):
-    """Multi-scale deformable attention with box reference points (cx, cy, w, h)."""
+    """Multi-scale deformable attention with box reference points (cx, cy, w, h).
+
+    ``num_points``: one count for every level, or one per level (RT-DETRv2). ``version`` "v2"
+    scales each point's offset by 1/P_l through the ``num_points_scale`` buffer (in the state
+    dict, as the official v2 model has it); "v1" keeps the v1 arithmetic where it applies.
+    ``method`` "discrete" samples the nearest cell and freezes the sampling offsets (their
+    gradient would be zero through the rounding), as the official v2 does."""
 
     def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4,
-                 num_points: int = 4):
+                 num_points: Union[int, Sequence[int]] = 4, version: str = "v1",
+                 method: str = "default", offset_scale: float = 0.5):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if isinstance(num_points, int):
+            points = [num_points] * num_levels
+        else:
+            points = [int(p) for p in num_points]
+            if len(points) != num_levels:
+                raise ValueError(f"num_points must be an int or one count per level "
+                                 f"({num_levels} levels), got {tuple(points)}")
+        if method not in ("default", "discrete"):
+            raise ValueError(f"method must be one of default, discrete, got {method!r}")
         self.embed_dim, self.num_heads = embed_dim, num_heads
         self.num_levels, self.num_points = num_levels, num_points
-        self.total_points = num_heads * num_levels * num_points
+        self.num_points_list = points
+        self.method, self.offset_scale = method, offset_scale
+        # the v1 arithmetic (offsets / P * wh * 0.5) where it is the v1 model
+        self._v1_math = (version == "v1" and isinstance(num_points, int) and offset_scale == 0.5)
+        self.register_buffer("num_points_scale",
+                             torch.tensor([1 / n for n in points for _ in range(n)],
+                                          dtype=torch.float32),
+                             persistent=version == "v2")
+        self.total_points = num_heads * sum(points)
         self.head_dim = embed_dim // num_heads
         self.sampling_offsets = nn.Linear(embed_dim, self.total_points * 2)
         self.attention_weights = nn.Linear(embed_dim, self.total_points)
         self.value_proj = nn.Linear(embed_dim, embed_dim)
         self.output_proj = nn.Linear(embed_dim, embed_dim)
         self._reset_parameters()
+        if method == "discrete":
+            for p in self.sampling_offsets.parameters():
+                p.requires_grad = False
 
     def _reset_parameters(self):
         init.constant_(self.sampling_offsets.weight, 0)
         # initial offsets fan out from the reference point: one direction per head, growing
-        # with the point index
+        # with the point index within each level
         thetas = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
         grid = torch.stack([thetas.cos(), thetas.sin()], -1)
         grid = grid / grid.abs().max(-1, keepdim=True).values
-        grid = grid.reshape(self.num_heads, 1, 1, 2).tile([1, self.num_levels, self.num_points, 1])
-        grid *= torch.arange(1, self.num_points + 1, dtype=torch.float32).reshape(1, 1, -1, 1)
+        grid = grid.reshape(self.num_heads, 1, 2).tile([1, sum(self.num_points_list), 1])
+        grid *= torch.cat([torch.arange(1, n + 1, dtype=torch.float32)
+                           for n in self.num_points_list]).reshape(1, -1, 1)
         with torch.no_grad():
             self.sampling_offsets.bias.copy_(grid.flatten())
         init.constant_(self.attention_weights.weight, 0)
@@ -60,38 +88,57 @@ class MSDeformableAttention(nn.Module):
         spatial_shapes L pairs (H_l, W_l) and level_start_index L ints (host ints: an int64
         tensor also works, at the cost of a host read per call)."""
         B, Q = query.shape[:2]
-        H, L, P = self.num_heads, self.num_levels, self.num_points
+        H, L = self.num_heads, self.num_levels
+        N = sum(self.num_points_list)
         value = self.value_proj(value).reshape(B, value.shape[1], H, self.head_dim)
-        offsets = self.sampling_offsets(query).reshape(B, Q, H, L, P, 2)
-        weights = self.attention_weights(query).reshape(B, Q, H, L * P)
-        weights = F.softmax(weights, dim=-1).reshape(B, Q, H, L, P)
-        if reference_points.shape[-1] == 2:
-            if isinstance(spatial_shapes, torch.Tensor):
-                normalizer = spatial_shapes.flip([1]).to(offsets.device, offsets.dtype)
+        offsets = self.sampling_offsets(query).reshape(B, Q, H, N, 2)
+        weights = F.softmax(self.attention_weights(query).reshape(B, Q, H, N), dim=-1)
+        method = {} if self.method == "default" else {"method": self.method}
+        if self._v1_math:
+            P = self.num_points
+            offsets = offsets.reshape(B, Q, H, L, P, 2)
+            weights = weights.reshape(B, Q, H, L, P)
+            if reference_points.shape[-1] == 2:
+                if isinstance(spatial_shapes, torch.Tensor):
+                    normalizer = spatial_shapes.flip([1]).to(offsets.device, offsets.dtype)
+                else:
+                    normalizer = torch.tensor([[w, h] for h, w in spatial_shapes],
+                                              dtype=offsets.dtype, device=offsets.device)
+                normalizer = normalizer.reshape(1, 1, 1, L, 1, 2)
+                locations = (reference_points.reshape(B, Q, 1, L, 1, 2) + offsets / normalizer)
+            elif reference_points.shape[-1] == 4:
+                # offsets are in units of the box's half size, spread over the points
+                locations = (reference_points[:, :, None, :, None, :2]
+                             + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
             else:
-                normalizer = torch.tensor([[w, h] for h, w in spatial_shapes],
-                                          dtype=offsets.dtype, device=offsets.device)
-            normalizer = normalizer.reshape(1, 1, 1, L, 1, 2)
-            locations = (reference_points.reshape(B, Q, 1, L, 1, 2) + offsets / normalizer)
-        elif reference_points.shape[-1] == 4:
-            # offsets are in units of the box's half size, spread over the points
-            locations = (reference_points[:, :, None, :, None, :2]
-                         + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
-        else:
-            raise ValueError(f"reference_points must end in 2 or 4, got {reference_points.shape}")
-        out = ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights)
+                raise ValueError(f"reference_points must end in 2 or 4, got "
+                                 f"{reference_points.shape}")
+            out = ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
+                                     **method)
+            return self.output_proj(out)
+        if reference_points.shape[-1] != 4:
+            raise ValueError(f"reference_points must be boxes [B, Q, 1, 4] with per-level point "
+                             f"counts, got {list(reference_points.shape)}")
+        # v2: each point's offset in units of the box size times offset_scale / P_l
+        scale = self.num_points_scale.to(dtype=query.dtype).unsqueeze(-1)
+        locations = (reference_points[:, :, None, :, :2]
+                     + offsets * scale * reference_points[:, :, None, :, 2:] * self.offset_scale)
+        out = ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
+                                 num_points_list=self.num_points_list, **method)
         return self.output_proj(out)
 
 
 class TransformerDecoderLayer(nn.Module):
     def __init__(self, d_model: int = 256, n_head: int = 8, dim_feedforward: int = 1024,
                  dropout: float = 0.0, activation: str = "relu", n_levels: int = 4,
-                 n_points: int = 4):
+                 n_points: Union[int, Sequence[int]] = 4, version: str = "v1",
+                 cross_attn_method: str = "default", offset_scale: float = 0.5):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, n_head, dropout=dropout, batch_first=True)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.cross_attn = MSDeformableAttention(d_model, n_head, n_levels, n_points)
+        self.cross_attn = MSDeformableAttention(d_model, n_head, n_levels, n_points, version,
+                                                cross_attn_method, offset_scale)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -100,6 +147,9 @@ class TransformerDecoderLayer(nn.Module):
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
+        if version == "v2":
+            init.xavier_uniform_(self.linear1.weight)
+            init.xavier_uniform_(self.linear2.weight)
 
     def forward(self, tgt, reference_points, memory, spatial_shapes, level_start_index,
                 attn_mask=None, query_pos_embed=None):
@@ -149,7 +199,8 @@ class TransformerDecoder(nn.Module):
 
 
 class RTDETRDecoder(nn.Module):
-    """The official ``RTDETRTransformer`` (v1), parameter for parameter."""
+    """The official ``RTDETRTransformer`` (v1) or ``RTDETRTransformerv2`` (``cfg.version``),
+    parameter for parameter."""
 
     def __init__(self, cfg: DecoderConfig, num_classes: int, feat_channels: List[int],
                  feat_strides: List[int], eval_spatial_size: Optional[Tuple[int, int]] = None):
@@ -172,10 +223,13 @@ class RTDETRDecoder(nn.Module):
         self.num_denoising = cfg.num_denoising
         self.label_noise_ratio = cfg.label_noise_ratio
         self.box_noise_scale = cfg.box_noise_scale
+        self.version = cfg.version
+        self.query_select_method = cfg.query_select_method
 
         self._build_input_proj_layer(list(feat_channels))
         layer = TransformerDecoderLayer(cfg.hidden_dim, cfg.nhead, cfg.dim_feedforward, cfg.dropout,
-                                        cfg.activation, cfg.num_levels, cfg.num_points)
+                                        cfg.activation, cfg.num_levels, cfg.num_points,
+                                        cfg.version, cfg.cross_attn_method, cfg.offset_scale)
         self.decoder = TransformerDecoder(layer, cfg.num_decoder_layers, cfg.eval_idx)
         if cfg.num_denoising > 0:
             self.denoising_class_embed = nn.Embedding(num_classes + 1, cfg.hidden_dim,
@@ -184,9 +238,15 @@ class RTDETRDecoder(nn.Module):
         if cfg.learnt_init_query:
             self.tgt_embed = nn.Embedding(cfg.num_queries, cfg.hidden_dim)
         self.query_pos_head = MLP(4, 2 * cfg.hidden_dim, cfg.hidden_dim, num_layers=2)
-        self.enc_output = nn.Sequential(nn.Linear(cfg.hidden_dim, cfg.hidden_dim),
-                                        nn.LayerNorm(cfg.hidden_dim))
-        self.enc_score_head = nn.Linear(cfg.hidden_dim, num_classes)
+        if cfg.version == "v2":
+            self.enc_output = nn.Sequential(OrderedDict([
+                ("proj", nn.Linear(cfg.hidden_dim, cfg.hidden_dim)),
+                ("norm", nn.LayerNorm(cfg.hidden_dim))]))
+        else:
+            self.enc_output = nn.Sequential(nn.Linear(cfg.hidden_dim, cfg.hidden_dim),
+                                            nn.LayerNorm(cfg.hidden_dim))
+        # class-agnostic query selection ranks the anchors by one objectness score
+        self.enc_score_head = nn.Linear(cfg.hidden_dim, self._enc_classes(num_classes))
         self.enc_bbox_head = MLP(cfg.hidden_dim, cfg.hidden_dim, 4, num_layers=3)
         self.dec_score_head = nn.ModuleList(nn.Linear(cfg.hidden_dim, num_classes)
                                             for _ in range(cfg.num_decoder_layers))
@@ -198,6 +258,12 @@ class RTDETRDecoder(nn.Module):
         if eval_spatial_size is not None:
             pinned = (tuple(feature_size(eval_spatial_size, s) for s in self.feat_strides),)
         self._anchor_cache = ShapeCache(maxsize=8, pinned=pinned)
+        if cfg.version == "v2" and eval_spatial_size is not None:
+            # the official v2 model keeps its eval-size anchors in the state dict; the forward
+            # takes them from the cache (same values, any input size), these are the layout
+            anchors, valid = self.generate_anchors(pinned[0])
+            self.register_buffer("anchors", anchors)
+            self.register_buffer("valid_mask", valid)
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -214,6 +280,25 @@ class RTDETRDecoder(nn.Module):
             init.xavier_uniform_(self.tgt_embed.weight)
         init.xavier_uniform_(self.query_pos_head.layers[0].weight)
         init.xavier_uniform_(self.query_pos_head.layers[1].weight)
+        if self.version == "v2":
+            for proj in self.input_proj:
+                init.xavier_uniform_(proj.conv.weight)
+
+    def _enc_classes(self, num_classes: int) -> int:
+        return 1 if self.query_select_method == "agnostic" else num_classes
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # anchors and valid_mask follow from eval_spatial_size: a file made for another size
+        # (or without them) loads, and the model keeps the ones for its own size
+        derived = [prefix + n for n in ("anchors", "valid_mask") if n in self._buffers]
+        for k in derived:
+            state_dict.pop(k, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        for k in derived:
+            if k in missing_keys:
+                missing_keys.remove(k)
 
     def reset_class_heads(self, num_classes: int) -> None:
         """Re-initialise every class-dependent layer for ``num_classes`` (fine-tuning)."""
@@ -221,7 +306,7 @@ class RTDETRDecoder(nn.Module):
         kw = dict(device=ref.device, dtype=ref.dtype)
         bias = bias_init_with_prob(0.01)
         self.num_classes = num_classes
-        self.enc_score_head = nn.Linear(self.hidden_dim, num_classes, **kw)
+        self.enc_score_head = nn.Linear(self.hidden_dim, self._enc_classes(num_classes), **kw)
         init.constant_(self.enc_score_head.bias, bias)
         self.dec_score_head = nn.ModuleList(nn.Linear(self.hidden_dim, num_classes, **kw)
                                             for _ in range(self.num_decoder_layers))

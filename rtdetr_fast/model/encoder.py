@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Dict, List, Tuple
 
 import torch
@@ -166,9 +167,15 @@ class HybridEncoder(nn.Module):
         self.out_channels = [hidden] * len(self.in_channels)
         self.out_strides = self.feat_strides
 
-        self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, hidden, kernel_size=1, bias=False), nn.BatchNorm2d(hidden))
-            for c in self.in_channels)
+        if cfg.version == "v2":
+            self.input_proj = nn.ModuleList(nn.Sequential(OrderedDict([
+                ("conv", nn.Conv2d(c, hidden, kernel_size=1, bias=False)),
+                ("norm", nn.BatchNorm2d(hidden))])) for c in self.in_channels)
+        else:
+            self.input_proj = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(c, hidden, kernel_size=1, bias=False),
+                              nn.BatchNorm2d(hidden))
+                for c in self.in_channels)
         layer = TransformerEncoderLayer(hidden, cfg.nhead, cfg.dim_feedforward, cfg.dropout,
                                         cfg.enc_act)
         self.encoder = nn.ModuleList(TransformerEncoder(copy.deepcopy(layer), cfg.num_encoder_layers)

@@ -11,7 +11,10 @@ from rtdetr_fast.model.encoder import RepVggBlock, sincos_position_embedding
 from conftest import randomize_batch_norms, reference_keys
 
 PARAMS_M = {"rtdetr_r18vd": 20.18, "rtdetr_r34vd": 31.44, "rtdetr_r50vd_m": 36.59,
-            "rtdetr_r50vd": 42.89, "rtdetr_r101vd": 76.56}
+            "rtdetr_r50vd": 42.89, "rtdetr_r101vd": 76.56,
+            # v2 adds buffers (num_points_scale, anchors), no parameters
+            "rtdetrv2_r18vd": 20.18, "rtdetrv2_r34vd": 31.44, "rtdetrv2_r50vd_m": 36.59,
+            "rtdetrv2_r50vd": 42.89, "rtdetrv2_r101vd": 76.56}
 
 
 @pytest.mark.parametrize("name", list(PARAMS_M))
