@@ -101,7 +101,13 @@ class RTDETRCriterion(nn.Module):
                 losses[f"{k}_aux_{i}"] = v
         if "enc_outputs" in outputs:
             enc = outputs["enc_outputs"]
-            for k, v in self.layer_losses(enc, targets, self.matcher(enc, targets),
+            enc_targets = targets
+            if outputs.get("enc_meta", {}).get("class_agnostic", False):
+                # RT-DETRv2's class-agnostic proposals: one class, every box its target. (The
+                # official matches them against the real labels, which indexes past its one
+                # score column; matching the zeroed labels is what its loss uses.)
+                enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            for k, v in self.layer_losses(enc, enc_targets, self.matcher(enc, enc_targets),
                                           num_boxes).items():
                 losses[f"{k}_enc"] = v
         if "dn_aux_outputs" in outputs:

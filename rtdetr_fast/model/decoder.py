@@ -422,6 +422,8 @@ class RTDETRDecoder(nn.Module):
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
                                   for a, b in zip(out_logits[:-1], out_bboxes[:-1])]
             out["enc_outputs"] = {"pred_logits": enc_topk_logits, "pred_boxes": enc_topk_bboxes}
+            if self.query_select_method == "agnostic":
+                out["enc_meta"] = {"class_agnostic": True}
             if dn_meta is not None:
                 out["dn_aux_outputs"] = [{"pred_logits": a, "pred_boxes": b}
                                          for a, b in zip(dn_out_logits, dn_out_bboxes)]
