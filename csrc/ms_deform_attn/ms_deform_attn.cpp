@@ -6,21 +6,34 @@
 // num_points = [P] * L; RT-DETRv2's per-level point counts need no padding.
 // spatial_shapes ([2L]: H_0, W_0, H_1, W_1, ...) and level_start_index ([L]) are host ints,
 // never tensors: no call reads data back from the device, and the checks run on every device.
+// method is "default" (bilinear) or "discrete" (RT-DETRv2's nearest cell, whose location
+// gradient is zero): ms_deform_attn_math.h.
 #include "ms_deform_attn/ms_deform_attn.h"
 
 #include <torch/library.h>
 
 #include <climits>
+#include <string>
 
 #include "common/checks.h"
+#include "ms_deform_attn/ms_deform_attn_math.h"
 
 namespace rtdetr_fast {
 namespace msda {
 
+namespace {
+int method_code(c10::string_view method) {
+  if (method == "default") return kMethodDefault;
+  if (method == "discrete") return kMethodDiscrete;
+  TORCH_CHECK(false, "method must be one of ('default', 'discrete'), got '", std::string(method),
+              "'");
+}
+}  // namespace
+
 Dims check_args(const at::Tensor& value, c10::IntArrayRef spatial_shapes,
                 c10::IntArrayRef level_start_index, const at::Tensor& sampling_locations,
                 const at::Tensor& attention_weights, c10::IntArrayRef num_points,
-                const at::Tensor* grad_output) {
+                const at::Tensor* grad_output, c10::string_view method) {
   RTDETR_CHECK_DIM(value, 4, "[B, S, H, D]");
   RTDETR_CHECK_DIM(sampling_locations, 5, "[B, Q, H, N, 2] (N = sum of num_points)");
   RTDETR_CHECK_DIM(attention_weights, 4, "[B, Q, H, N] (N = sum of num_points)");
@@ -31,6 +44,7 @@ Dims check_args(const at::Tensor& value, c10::IntArrayRef spatial_shapes,
   d.D = value.size(3);
   d.Q = sampling_locations.size(1);
   d.L = static_cast<int64_t>(num_points.size());
+  d.method = method_code(method);
   TORCH_CHECK(d.L >= 1, "num_points must have one entry per level, got none");
   TORCH_CHECK(static_cast<int64_t>(spatial_shapes.size()) == 2 * d.L,
               "spatial_shapes must be 2L = ", 2 * d.L, " ints (H_0, W_0, H_1, ...), got ",
@@ -101,9 +115,11 @@ void check_levels(c10::IntArrayRef spatial_shapes, c10::IntArrayRef level_start_
 TORCH_LIBRARY_FRAGMENT(rtdetr_fast, m) {
   m.def(
       "ms_deform_attn(Tensor value, int[] spatial_shapes, int[] level_start_index, "
-      "Tensor sampling_locations, Tensor attention_weights, int[] num_points) -> Tensor");
+      "Tensor sampling_locations, Tensor attention_weights, int[] num_points, "
+      "str method=\"default\") -> Tensor");
   m.def(
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, int[] spatial_shapes, "
       "int[] level_start_index, Tensor sampling_locations, Tensor attention_weights, "
-      "int[] num_points, bool deterministic) -> (Tensor, Tensor, Tensor)");
+      "int[] num_points, bool deterministic, str method=\"default\") -> "
+      "(Tensor, Tensor, Tensor)");
 }

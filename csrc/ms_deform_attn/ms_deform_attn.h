@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/string_view.h>
 
 #include <vector>
 
@@ -13,6 +14,7 @@ struct Dims {
   int64_t B, S, H, D, Q, L, N;
   int uniform_p;                 // P when every level has P points, else 0
   std::vector<int> point_start;  // L + 1 prefix sums of num_points
+  int method;                    // Method code (ms_deform_attn_math.h)
 };
 
 // Validates the arguments of rtdetr_fast::ms_deform_attn (and, with grad_output, of its
@@ -22,7 +24,7 @@ struct Dims {
 Dims check_args(const at::Tensor& value, c10::IntArrayRef spatial_shapes,
                 c10::IntArrayRef level_start_index, const at::Tensor& sampling_locations,
                 const at::Tensor& attention_weights, c10::IntArrayRef num_points,
-                const at::Tensor* grad_output);
+                const at::Tensor* grad_output, c10::string_view method);
 
 // Consistency of spatial_shapes / level_start_index with S (host ints: free on every device).
 void check_levels(c10::IntArrayRef spatial_shapes, c10::IntArrayRef level_start_index, int64_t S);
@@ -30,12 +32,14 @@ void check_levels(c10::IntArrayRef spatial_shapes, c10::IntArrayRef level_start_
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, c10::IntArrayRef spatial_shapes,
                               c10::IntArrayRef level_start_index,
                               const at::Tensor& sampling_locations,
-                              const at::Tensor& attention_weights, c10::IntArrayRef num_points);
+                              const at::Tensor& attention_weights, c10::IntArrayRef num_points,
+                              c10::string_view method);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, c10::IntArrayRef spatial_shapes,
     c10::IntArrayRef level_start_index, const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights, c10::IntArrayRef num_points, bool deterministic);
+    const at::Tensor& attention_weights, c10::IntArrayRef num_points, bool deterministic,
+    c10::string_view method);
 
 }  // namespace msda
 }  // namespace rtdetr_fast

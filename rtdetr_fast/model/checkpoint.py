@@ -17,6 +17,8 @@ WEIGHTS_NAME = "model.safetensors"
 # layers whose shapes depend on the number of classes
 CLASS_KEYS = re.compile(r"^decoder\.(enc_score_head|dec_score_head\.\d+|denoising_class_embed)\.")
 DEPLOYED_KEY = re.compile(r"\.bottlenecks\.\d+\.conv\.weight$")
+# v2 buffers made from the model's eval size: optional in a file, and never a shape mismatch
+DERIVED_KEYS = ("decoder.anchors", "decoder.valid_mask")
 
 
 class CheckpointError(ValueError):
@@ -78,10 +80,17 @@ def _read_folder(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
 
 # --------------------------------------------------------------------------------- inference
 def infer_preset(sd: Dict[str, torch.Tensor]) -> Tuple[str, int, dict]:
-    """(preset name, num_classes, overrides) of an official-layout state dict."""
+    """(preset name, num_classes, overrides) of an official-layout state dict, v1 or v2 (the v2
+    layout has ``encoder.input_proj.N.conv``; its per-level point counts are read from the
+    ``num_points_scale`` buffers). The discrete sampling mode leaves no trace in the weights:
+    load a ``*_dsp_*`` checkpoint with ``cross_attn_method="discrete"``."""
+    v2 = "encoder.input_proj.0.conv.weight" in sd
+    prefix = "rtdetrv2_" if v2 else "rtdetr_"
     try:
-        num_classes = sd["decoder.enc_score_head.weight"].shape[0]
-        hidden = sd["encoder.input_proj.0.0.weight"].shape[0]
+        hidden = sd[f"encoder.input_proj.0.{'conv' if v2 else '0'}.weight"].shape[0]
+        enc_classes = sd["decoder.enc_score_head.weight"].shape[0]
+        num_classes = sd.get("decoder.dec_score_head.0.weight",
+                             sd["decoder.enc_score_head.weight"]).shape[0]
     except KeyError as exc:
         raise CheckpointError(f"not an RT-DETR state dict: key {exc.args[0]!r} is missing") from exc
     stages = {}
@@ -100,7 +109,8 @@ def infer_preset(sd: Dict[str, torch.Tensor]) -> Tuple[str, int, dict]:
     fpn_hidden = _first_shape(sd, "encoder.fpn_blocks.0.conv1.conv.weight", 0)
     expansion = fpn_hidden / hidden if fpn_hidden else 1.0
     n_dec = len({k.split(".")[2] for k in sd if k.startswith("decoder.dec_score_head.")})
-    candidates = [n for n, c in PRESETS.items() if c.backbone.depth == depth] or ["rtdetr_r50vd"]
+    candidates = [n for n, c in PRESETS.items()
+                  if c.backbone.depth == depth and n.startswith(prefix)] or [prefix + "r50vd"]
     name = min(candidates, key=lambda n: abs(PRESETS[n].encoder.expansion - expansion))
     preset = PRESETS[name]
     overrides = {}
@@ -110,7 +120,8 @@ def infer_preset(sd: Dict[str, torch.Tensor]) -> Tuple[str, int, dict]:
         "encoder.hidden_dim": hidden,
         "encoder.expansion": expansion,
         "encoder.dim_feedforward": _first_shape(sd, "encoder.encoder.0.layers.0.linear1.weight", 0),
-        "decoder.hidden_dim": _first_shape(sd, "decoder.enc_output.0.weight", 0),
+        "decoder.hidden_dim": _first_shape(
+            sd, f"decoder.enc_output.{'proj' if v2 else '0'}.weight", 0),
         "decoder.dim_feedforward": _first_shape(sd, "decoder.decoder.layers.0.linear1.weight", 0),
         "decoder.num_decoder_layers": n_dec,
         "decoder.num_denoising": (preset.decoder.num_denoising
@@ -119,6 +130,11 @@ def infer_preset(sd: Dict[str, torch.Tensor]) -> Tuple[str, int, dict]:
     }
     if "decoder.tgt_embed.weight" in sd:
         derived["decoder.num_queries"] = sd["decoder.tgt_embed.weight"].shape[0]
+    if enc_classes == 1 and num_classes > 1:
+        derived["decoder.query_select_method"] = "agnostic"
+    points = _points_per_level(sd, preset)
+    if points is not None:
+        derived["decoder.num_points"] = points
     for key, value in derived.items():
         section, field = key.split(".")
         if value is not None and getattr(getattr(preset, section), field) != value:
@@ -132,11 +148,36 @@ def _first_shape(sd, key, dim):
     return sd[key].shape[dim] if key in sd else None
 
 
+def _points_per_level(sd, preset):
+    """The sampling points per level: from v2's ``num_points_scale`` (1/P_l repeated P_l
+    times), else from the size of the first layer's attention weights (H * L * P)."""
+    scale = sd.get("decoder.decoder.layers.0.cross_attn.num_points_scale")
+    if scale is not None:
+        counts, i = [], 0
+        while i < scale.numel():
+            n = int(round(1.0 / float(scale[i])))
+            if n < 1:
+                raise CheckpointError(f"num_points_scale holds {float(scale[i])}, not 1/P")
+            counts.append(n)
+            i += n
+        counts = tuple(counts)
+        return counts[0] if len(set(counts)) == 1 else counts
+    weights = sd.get("decoder.decoder.layers.0.cross_attn.attention_weights.weight")
+    if weights is None:
+        return None
+    dec = preset.decoder
+    per_level, rest = divmod(weights.shape[0], dec.nhead * dec.num_levels)
+    return per_level if not rest else None
+
+
 # --------------------------------------------------------------------------------- loading
 def load_state_dict_strict(model: torch.nn.Module, sd: Dict[str, torch.Tensor], source: str) -> None:
     """Strict load with one clear error listing missing, unexpected and mis-shaped keys."""
     own = model.state_dict()
     sd = dict(sd)
+    for k in DERIVED_KEYS:
+        if k in own:
+            sd[k] = own[k]
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     mis = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
@@ -167,10 +208,10 @@ def load_pretrained(cls, path, num_classes: Optional[int] = None, name: Optional
     from_hf = False
     if os.path.isdir(path):
         sd, cfg_json = _read_folder(path)
-        if cfg_json.get("model_type") == "rt_detr":
-            from .hf_mapping import hf_to_official, preset_from_hf_config
+        if cfg_json.get("model_type") in ("rt_detr", "rt_detr_v2"):
+            from .hf_mapping import hf_to_official, hf_version, preset_from_hf_config
 
-            sd = hf_to_official(sd)
+            sd = hf_to_official(sd, hf_version(cfg_json))
             from_hf = True
             inferred = preset_from_hf_config(cfg_json)
             cfg_json = None
@@ -179,7 +220,8 @@ def load_pretrained(cls, path, num_classes: Optional[int] = None, name: Optional
             cfg_json = cfg_json["rtdetr_fast"]
         else:
             raise CheckpointError(f"{path!r}: config.json is neither a transformers RT-DETR "
-                                  "config (model_type 'rt_detr') nor an rtdetr_fast one")
+                                  "config (model_type 'rt_detr' or 'rt_detr_v2') nor an "
+                                  "rtdetr_fast one")
     else:
         sd, cfg_json = read_checkpoint(path, map_location)
         inferred = None

@@ -8,7 +8,6 @@ S = sum of H_l*W_l, C classes, N anchors, K selected.
 """
 from __future__ import annotations
 
-import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -220,10 +219,9 @@ def ms_deform_attn(value: torch.Tensor,
     # it keeps working
     kw = {} if method == "default" else {"method": method}
     if method not in getattr(fn, "methods", ("default",)):
-        # transitional, while kernels of the mode are written: never bilinear in its place
-        warnings.warn(f"ms_deform_attn: the selected backend has no method={method!r} kernel; "
-                      f"running the reference implementation")
-        fn = ms_deform_attn_reference
+        # a backend without the mode must not run bilinear in its place
+        raise RuntimeError(f"the selected ms_deform_attn backend has no method={method!r} "
+                           f"kernel")
     if num_points_list is None:
         return fn(value, shapes, starts, sampling_locations, attention_weights, **kw)
     if getattr(fn, "supports_num_points_list", False):

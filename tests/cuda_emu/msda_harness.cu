@@ -3,7 +3,10 @@
 // every group size G (1..32), vectorised and scalar loads (D % CPT != 0, a misaligned value),
 // D above one pass of 32 lanes, uniform and per-level point counts, locations on and past
 // the level borders (ix == -1, ix == W exactly, NaN, inf), forward, and backward with float
-// atomics (float4 atomics on sm_90) and in deterministic fixed point. No torch.
+// atomics (float4 atomics on sm_90) and in deterministic fixed point. Both sampling methods:
+// bilinear, and RT-DETRv2's discrete nearest cell (rounding edges x*W + 0.5 integer, clamping
+// on non-square levels, non-finite locations; zero location gradient), whose cases also check
+// that they tell the official's clamp of x to H_l - 1 from the right one. No torch.
 #include <algorithm>
 
 #include "harness.h"
@@ -19,7 +22,19 @@ struct Case {
   int64_t D;
   bool per_level;   // differing point counts per level
   bool misaligned;  // value pointer off 16-byte alignment: scalar loads and atomics
+  int method;       // 0 bilinear, 1 discrete (the Method codes of ms_deform_attn_math.h)
 };
+
+// Discrete sampling's cell along an axis: clamp(floor(t*n + 0.5), 0, hi) with hi = n - 1, or
+// hi = H_l - 1 for x as the official clamps it. t is a float32/16-bit value: t*n + 0.5 is
+// exact in double, the float32 kernel rounds it twice, which moves the floor only within an
+// ulp of an integer (exact edges are on power-of-two sides, where both are exact).
+int64_t ref_cell(double t, int64_t n, int64_t hi) {
+  const double f = t * static_cast<double>(n) + 0.5;
+  if (std::isnan(f) || f < 0) return 0;
+  if (f >= static_cast<double>(hi)) return hi;
+  return static_cast<int64_t>(std::floor(f));
+}
 
 struct Ref {
   std::vector<double> out, out_s, gv, gv_s, gl, gl_s, ga, ga_s;
@@ -33,7 +48,7 @@ std::string run_case(const Case& c, const char* name) {
   (void)name;
   const int dt = c.dt;
   const size_t es = harness::dtype_size(dt);
-  std::mt19937 rng(99 + static_cast<unsigned>(c.D) * 7 + dt * 3 + c.per_level);
+  std::mt19937 rng(99 + static_cast<unsigned>(c.D) * 7 + dt * 3 + c.per_level + 5 * c.method);
   std::uniform_real_distribution<double> u(-0.1, 1.1);
   std::normal_distribution<double> nd(0.0, 1.0);
   cu::Problem p{};
@@ -53,6 +68,7 @@ std::string run_case(const Case& c, const char* name) {
   for (int l = kL + 1; l <= cu::kMaxLevels; ++l) p.point_start[l] = p.point_start[kL];
   p.N = p.point_start[kL];
   p.uniform_p = c.per_level ? 0 : pts[0];
+  p.method = c.method;
   int64_t* shapes = alloc<int64_t>(2 * kL, 0);
   int64_t* starts = alloc<int64_t>(kL, 0);
   int64_t S = 0;
@@ -90,7 +106,8 @@ std::string run_case(const Case& c, const char* name) {
     // sides are powers of two, where x * W is exact in float32 as in float64: elsewhere a
     // location one float32 rounding away from a cell edge has a one-sided gradient.
     const bool exact = ((kShapes[l][0] & (kShapes[l][0] - 1)) | (kShapes[l][1] & (kShapes[l][1] - 1))) == 0;
-    switch (exact ? rng() % 12 : 11) {
+    // discrete mode: two more cases, a rounding edge (x*W + 0.5 = k + 1) and y = -inf
+    switch (exact ? rng() % (c.method ? 14 : 12) : 11) {
       case 0: x = -0.5 / W; break;
       case 1: x = (W + 0.5) / W; break;
       case 2: y = (H + 0.5) / H; break;
@@ -99,6 +116,8 @@ std::string run_case(const Case& c, const char* name) {
       case 5: x = 1.5; break;
       case 6: x = NAN; break;
       case 7: y = INFINITY; break;
+      case 12: x = (static_cast<double>(rng() % kShapes[l][1]) + 0.5) / W; break;
+      case 13: y = -INFINITY; break;
       default: break;
     }
     harness::store(loc, dt, 2 * i, x);
@@ -115,6 +134,7 @@ std::string run_case(const Case& c, const char* name) {
   r.gl_s.assign(nl, 0);
   r.ga.assign(na, 0);
   r.ga_s.assign(na, 0);
+  std::vector<double> out_official(no, 0);  // discrete with the official's x clamp to H_l - 1
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t h = row % p.H, b = row / (p.Q * p.H);
     for (int j = 0; j < p.N; ++j) {
@@ -124,6 +144,28 @@ std::string run_case(const Case& c, const char* name) {
       const size_t pj = static_cast<size_t>(row * p.N + j);
       const double x = harness::load(loc, dt, 2 * pj), y = harness::load(loc, dt, 2 * pj + 1);
       const double a = harness::load(attn, dt, pj);
+      if (c.method == 1) {
+        const int64_t cy = ref_cell(y, Hl, Hl - 1);
+        const int64_t srow = starts[l] + cy * Wl + ref_cell(x, Wl, Wl - 1);
+        const int64_t orow = starts[l] + cy * Wl + ref_cell(x, Wl, Hl - 1);
+        double dot = 0, dabs = 0;
+        for (int64_t d = 0; d < p.D; ++d) {
+          const size_t vi = static_cast<size_t>(((b * S + srow) * p.H + h) * p.D + d);
+          const size_t wi = static_cast<size_t>(((b * S + orow) * p.H + h) * p.D + d);
+          const size_t oi = static_cast<size_t>(row * p.D + d);
+          const double v = harness::load(value, dt, vi), g = harness::load(gout, dt, oi);
+          r.out[oi] += a * v;
+          r.out_s[oi] += std::fabs(a * v);
+          out_official[oi] += a * harness::load(value, dt, wi);
+          r.gv[vi] += a * g;
+          r.gv_s[vi] += std::fabs(a * g);
+          dot += g * v;
+          dabs += std::fabs(g * v);
+        }
+        r.ga[pj] = dot;
+        r.ga_s[pj] = dabs;
+        continue;  // the location gradient stays zero
+      }
       const double ix = x * Wl - 0.5, iy = y * Hl - 0.5;
       if (!(ix >= -1 && ix <= Wl && iy >= -1 && iy <= Hl)) continue;
       const double fx = std::floor(ix), fy = std::floor(iy), lx = ix - fx, ly = iy - fy;
@@ -173,6 +215,10 @@ std::string run_case(const Case& c, const char* name) {
     harness::check_cuda(cu::forward(dtype, p, value, loc, attn, out, 0), "forward");
     harness::sync("forward");
     msg = harness::compare("forward out", no, r.out, r.out_s, out, dt, tol);
+    // the case must be able to fail: the official's clamp of x to H_l - 1 gives other outputs
+    if (msg.empty() && c.method == 1 &&
+        harness::compare("forward out", no, out_official, r.out_s, out, dt, tol).empty())
+      msg = "the discrete case does not tell the official's x clamp to H_l - 1 from the right one";
     harness::release(out);
   }
   for (int det = 0; det < 2 && msg.empty(); ++det) {
@@ -220,19 +266,23 @@ int main(int argc, char** argv) {
   for (int dt = 0; dt < 3; ++dt) {
     const int64_t cpt = dt == 0 ? 4 : 8;
     // G = 1, 2, 4, 8, 16, 32 (D = G * CPT), then two passes of 32 lanes
-    for (int64_t g = 1; g <= 32; g *= 2) all.push_back({dt, g * cpt, g == 4, false});
-    all.push_back({dt, 40 * cpt, false, false});
-    all.push_back({dt, 3 * cpt - 2, true, false});  // scalar loads, G = 4
-    all.push_back({dt, 2 * cpt, false, true});      // misaligned value
+    for (int method = 0; method < 2; ++method) {
+      for (int64_t g = 1; g <= 32; g *= 2)
+        if (method == 0 || g == 1 || g == 4 || g == 32)
+          all.push_back({dt, g * cpt, g == 4, false, method});
+      all.push_back({dt, 40 * cpt, false, false, method});
+      all.push_back({dt, 3 * cpt - 2, true, false, method});  // scalar loads, G = 4
+      all.push_back({dt, 2 * cpt, false, true, method});      // misaligned value
+    }
   }
   for (const Case& c : all) {
     const int64_t cpt = c.dt == 0 ? 4 : 8;
     int g = 1;
     while (g < (c.D + cpt - 1) / cpt && g < 32) g *= 2;
     char name[128];
-    snprintf(name, sizeof name, "msda/%s_D%lld_G%d%s%s", harness::dtype_name(c.dt),
+    snprintf(name, sizeof name, "msda/%s_D%lld_G%d%s%s%s", harness::dtype_name(c.dt),
              static_cast<long long>(c.D), g, c.per_level ? "_per_level" : "",
-             c.misaligned ? "_misaligned" : "");
+             c.misaligned ? "_misaligned" : "", c.method ? "_discrete" : "");
     if (!filter.empty() && std::string(name).find(filter) == std::string::npos) continue;
     cases.report(name, run_case(c, name));
   }

@@ -176,7 +176,7 @@ def test_config_overrides_and_errors():
     cfg["num_labels"] = 7
     assert preset_from_hf_config(cfg)[:2] == ("rtdetr_r34vd", 7)
     with pytest.raises(ValueError):
-        preset_from_hf_config({**hf_config_for("rtdetr_r18vd", 80), "model_type": "rt_detr_v2"})
+        preset_from_hf_config({**hf_config_for("rtdetr_r18vd", 80), "model_type": "detr"})
     with pytest.raises(ValueError):
         preset_from_hf_config({"model_type": "rt_detr", "id2label": {"0": "a"}})
     bad = hf_config_for("rtdetr_r18vd", 80)

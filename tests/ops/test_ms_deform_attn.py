@@ -327,8 +327,11 @@ def test_op_boundary_checks_without_the_python_layer():
 
 # triton.jit reads TRITON_INTERPRET when a function is defined, triton's own library functions
 # included, so the interpreter cannot be switched on once triton is imported: the CPU Triton
-# tests run in a child pytest whose environment has TRITON_INTERPRET=1 from the start.
+# tests run in a child pytest whose environment has TRITON_INTERPRET=1 from the start. The
+# discrete-mode file's Triton tests (which use triton_device from here) run in the same child.
 _INTERPRETER_CHILD = os.environ.get("RTDETR_FAST_TRITON_CHILD") == "1"
+_DISCRETE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                              "test_ms_deform_attn_discrete.py")
 
 
 @needs_triton
@@ -337,7 +340,7 @@ def test_triton_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", RTDETR_FAST_TRITON_CHILD="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-         os.path.abspath(__file__), "-k", "triton and cpu"],
+         os.path.abspath(__file__), _DISCRETE_FILE, "-k", "triton and cpu"],
         env=env, capture_output=True, text=True, timeout=900)
     tail = proc.stdout[-6000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
@@ -524,7 +527,7 @@ def test_native_cpu_baseline_kernels():
     env = dict(os.environ, RTDETR_FAST_NO_AVX2="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-         "-k", "native and not triton and not cuda and not baseline"],
+         _DISCRETE_FILE, "-k", "native and not triton and not cuda and not baseline"],
         env=env, capture_output=True, text=True, timeout=900)
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail

@@ -71,9 +71,10 @@ void backward_kernel(const T* grad_out, const T* value, const int64_t* shapes,
 at::Tensor ms_deform_attn_cpu(const at::Tensor& value, c10::IntArrayRef spatial_shapes,
                               c10::IntArrayRef level_start_index,
                               const at::Tensor& sampling_locations,
-                              const at::Tensor& attention_weights, c10::IntArrayRef num_points) {
+                              const at::Tensor& attention_weights, c10::IntArrayRef num_points,
+                              c10::string_view method) {
   const Dims d = check_args(value, spatial_shapes, level_start_index, sampling_locations,
-                            attention_weights, num_points, nullptr);
+                            attention_weights, num_points, nullptr, method);
   check_levels(spatial_shapes, level_start_index, d.S);
   at::Tensor out = at::empty({d.B, d.Q, d.H * d.D}, value.options());
   if (out.numel() == 0) return out;
@@ -89,11 +90,12 @@ at::Tensor ms_deform_attn_cpu(const at::Tensor& value, c10::IntArrayRef spatial_
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, c10::IntArrayRef spatial_shapes,
     c10::IntArrayRef level_start_index, const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights, c10::IntArrayRef num_points, bool deterministic) {
+    const at::Tensor& attention_weights, c10::IntArrayRef num_points, bool deterministic,
+    c10::string_view method) {
   // the CPU backward is deterministic whatever `deterministic` says
   (void)deterministic;
   const Dims d = check_args(value, spatial_shapes, level_start_index, sampling_locations,
-                            attention_weights, num_points, &grad_output);
+                            attention_weights, num_points, &grad_output, method);
   check_levels(spatial_shapes, level_start_index, d.S);
   at::Tensor grad_value = at::zeros_like(value);
   at::Tensor grad_loc = at::zeros_like(sampling_locations);

@@ -3,7 +3,9 @@
 // Work split: a group of G lanes (G | 32, inside one warp) serves one (b, q, h); each lane owns
 // CPT = 16 / sizeof(T) channels, read with one 16-byte load per corner. The location and weight
 // math of a point is done by one lane of the group (point j0 + lane) and broadcast with
-// shuffles, so it runs once per (q, h, l, p) rather than once per channel.
+// shuffles, so it runs once per (q, h, l, p) rather than once per channel. Both sampling
+// methods share the kernels: discrete sampling (p.method) uses corner 0 only, and the loops
+// over corners stop after it (a condition uniform over the grid, so no lane diverges).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -150,8 +152,8 @@ __device__ __forceinline__ void setup_point(const Problem& p, const T* __restric
       start = p.starts[i];
     }
   const int64_t pj = row * p.N + j;
-  bilinear_corners<float>(Elem<T>::to_float(loc[2 * pj]), Elem<T>::to_float(loc[2 * pj + 1]),
-                          pt.h, pt.w, start, p.S, pt.c);
+  sample_corners<float>(p.method, Elem<T>::to_float(loc[2 * pj]),
+                        Elem<T>::to_float(loc[2 * pj + 1]), pt.h, pt.w, start, p.S, pt.c);
   pt.a = Elem<T>::to_float(attn[pj]);
 }
 
@@ -170,6 +172,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row_stride = p.H * p.D;
   const T* __restrict__ vb = value + (b * p.S * p.H + h) * p.D;
   // channels beyond G * CPT take further passes, repeating the point math (D > 128 or 256)
+  const int ncorners = p.method == kMethodDiscrete ? 1 : 4;
   const int64_t first = static_cast<int64_t>(lane) * CPT;
   for (int64_t d0 = first; G < 32 ? d0 == first : d0 - first < p.D; d0 += G * CPT) {
     const int n = static_cast<int>(d0 < p.D ? (p.D - d0 < CPT ? p.D - d0 : CPT) : 0);
@@ -183,6 +186,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < jn; ++k) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
+          if (c >= ncorners) break;
           const int r = group_bcast<G>(mask, pt.c.row[c], k);
           const float wa = group_bcast<G>(mask, pt.a * pt.c.w[c], k);
           if (r >= 0 && n > 0) {
@@ -200,8 +204,9 @@ __global__ void __launch_bounds__(kThreads)
 
 // Fixed-point scale of the deterministic backward: a value element receives at most one
 // corner of each of the Q * N samples of its (b, h), each at most max|a| * max|g| (bilinear
-// weights are <= 1), so scaling that bound to 2^61 cannot overflow int64. Integer addition is
-// associative, so the sum is the same whatever order the atomics land in.
+// weights are <= 1, the discrete weight is 1), so scaling that bound to 2^61 cannot overflow
+// int64. Integer addition is associative, so the sum is the same whatever order the atomics
+// land in.
 __device__ __forceinline__ double fixed_scale(const Problem& p, const unsigned* absmax,
                                               bool* finite) {
   const float mg = __uint_as_float(absmax[0]), ma = __uint_as_float(absmax[1]);
@@ -253,6 +258,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* __restrict__ go = grad_out + row * p.D;
   bool finite = true;
   const double scale = deterministic ? fixed_scale(p, absmax, &finite) : 1.0;
+  const int ncorners = p.method == kMethodDiscrete ? 1 : 4;
   // the first channel chunk of grad_output stays in registers; wider D reloads (L1 hits)
   const int64_t first = static_cast<int64_t>(lane) * CPT;
   const int n_first = static_cast<int>(first < p.D ? (p.D - first < CPT ? p.D - first : CPT) : 0);
@@ -269,9 +275,12 @@ __global__ void __launch_bounds__(kThreads)
       float wa[4], dot[4];
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
+        r[c] = -1;
+        wa[c] = 0.f;
+        dot[c] = 0.f;
+        if (c >= ncorners) continue;
         r[c] = group_bcast<G>(mask, pt.c.row[c], k);
         wa[c] = group_bcast<G>(mask, pt.a * pt.c.w[c], k);
-        dot[c] = 0.f;
       }
       // G < 32 is only chosen when G * CPT >= D: one chunk, whose grad_output is in registers
       for (int64_t d0 = first; G < 32 ? d0 == first : d0 - first < p.D; d0 += G * CPT) {
@@ -306,6 +315,7 @@ __global__ void __launch_bounds__(kThreads)
       // butterfly over the group in a fixed pattern: the same sum on every lane, every run
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
+        if (c >= ncorners) break;
 #pragma unroll
         for (int off = G / 2; off > 0; off >>= 1) dot[c] += __shfl_xor_sync(mask, dot[c], off, G);
         if (lane == k) my_dot[c] = dot[c];
@@ -314,7 +324,7 @@ __global__ void __launch_bounds__(kThreads)
     const int j = j0 + lane;
     if (j < p.N) {
       float ga, gx, gy;
-      bilinear_backward<float>(pt.c, my_dot, pt.a, pt.h, pt.w, &ga, &gx, &gy);
+      sample_backward<float>(p.method, pt.c, my_dot, pt.a, pt.h, pt.w, &ga, &gx, &gy);
       const int64_t pj = row * p.N + j;
       grad_attn[pj] = Elem<T>::from_float(ga);
       grad_loc[2 * pj] = Elem<T>::from_float(gx);

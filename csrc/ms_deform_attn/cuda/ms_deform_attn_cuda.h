@@ -18,6 +18,7 @@ constexpr int kMaxLevels = 16;
 struct Problem {
   int64_t B, S, H, D, Q, L, N;  // N: points over all levels
   int uniform_p;                // P when every level has P points, else 0
+  int method;                   // Method code of ms_deform_attn_math.h: 0 bilinear, 1 discrete
   int point_start[kMaxLevels + 1];
   int64_t shapes[2 * kMaxLevels];  // (H_l, W_l) of the first L levels
   int64_t starts[kMaxLevels];      // first row of each level in value

@@ -43,6 +43,7 @@ cuda::Problem to_problem(const Dims& d, c10::IntArrayRef spatial_shapes,
   p.L = d.L;
   p.N = d.N;
   p.uniform_p = d.uniform_p;
+  p.method = d.method;
   for (int l = 0; l <= cuda::kMaxLevels; ++l)
     p.point_start[l] = l <= d.L ? d.point_start[l] : d.point_start[d.L];
   for (int64_t l = 0; l < d.L; ++l) {
@@ -56,9 +57,10 @@ cuda::Problem to_problem(const Dims& d, c10::IntArrayRef spatial_shapes,
 at::Tensor ms_deform_attn_cuda(const at::Tensor& value, c10::IntArrayRef spatial_shapes,
                                c10::IntArrayRef level_start_index,
                                const at::Tensor& sampling_locations,
-                               const at::Tensor& attention_weights, c10::IntArrayRef num_points) {
+                               const at::Tensor& attention_weights, c10::IntArrayRef num_points,
+                               c10::string_view method) {
   const Dims d = check_args(value, spatial_shapes, level_start_index, sampling_locations,
-                            attention_weights, num_points, nullptr);
+                            attention_weights, num_points, nullptr, method);
   check_levels(spatial_shapes, level_start_index, d.S);
   const cuda::DType dtype = to_dtype(value.scalar_type());
   const c10::cuda::CUDAGuard guard(value.device());
@@ -76,9 +78,10 @@ at::Tensor ms_deform_attn_cuda(const at::Tensor& value, c10::IntArrayRef spatial
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& value, c10::IntArrayRef spatial_shapes,
     c10::IntArrayRef level_start_index, const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights, c10::IntArrayRef num_points, bool deterministic) {
+    const at::Tensor& attention_weights, c10::IntArrayRef num_points, bool deterministic,
+    c10::string_view method) {
   const Dims d = check_args(value, spatial_shapes, level_start_index, sampling_locations,
-                            attention_weights, num_points, &grad_output);
+                            attention_weights, num_points, &grad_output, method);
   check_levels(spatial_shapes, level_start_index, d.S);
   const cuda::DType dtype = to_dtype(value.scalar_type());
   const c10::cuda::CUDAGuard guard(value.device());

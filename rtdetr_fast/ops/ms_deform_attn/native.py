@@ -5,7 +5,8 @@ implementations and autograd formula are registered here, in Python, so torch.co
 CUDA graphs see one opaque op. They are registered once, when the extension loads
 (``_backend.on_extension_load``): importing this module loads neither the extension nor CUDA. ``spatial_shapes`` ([2L] ints: H_0, W_0, H_1, ...) and
 ``level_start_index`` ([L] ints) are ``int[]`` in the schema: host ints, so no call reads data
-back from the device.
+back from the device. ``method`` ("default" bilinear, "discrete" nearest cell) is the schema's
+``str method="default"``; the discrete mode's location gradient is zero.
 """
 from __future__ import annotations
 
@@ -25,21 +26,22 @@ def _supports(device_type: str) -> bool:
 
 
 def _fake_forward(value, spatial_shapes, level_start_index, sampling_locations,
-                  attention_weights, num_points):
+                  attention_weights, num_points, method="default"):
     B, _, H, D = value.shape
     return value.new_empty((B, sampling_locations.shape[1], H * D))
 
 
 def _fake_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                   attention_weights, num_points, deterministic):
+                   attention_weights, num_points, deterministic, method="default"):
     return (torch.empty_like(value), torch.empty_like(sampling_locations),
             torch.empty_like(attention_weights))
 
 
 def _setup_context(ctx, inputs, output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights, num_points \
-        = inputs
+        = inputs[:6]
     ctx.save_for_backward(value, sampling_locations, attention_weights)
+    ctx.method = inputs[6] if len(inputs) > 6 else "default"
     ctx.spatial_shapes = list(spatial_shapes)
     ctx.level_start_index = list(level_start_index)
     ctx.num_points = list(num_points)
@@ -51,8 +53,8 @@ def _backward(ctx, grad_output):
     deterministic = torch.are_deterministic_algorithms_enabled()
     grad_value, grad_loc, grad_attn = torch.ops.rtdetr_fast.ms_deform_attn_backward(
         grad_output.contiguous(), value, ctx.spatial_shapes, ctx.level_start_index,
-        sampling_locations, attention_weights, ctx.num_points, deterministic)
-    return grad_value, None, None, grad_loc, grad_attn, None
+        sampling_locations, attention_weights, ctx.num_points, deterministic, ctx.method)
+    return grad_value, None, None, grad_loc, grad_attn, None, None
 
 
 def _register_python_side() -> None:
@@ -105,18 +107,21 @@ def flat_levels(spatial_shapes, level_start_index) -> Tuple[List[int], List[int]
 def ms_deform_attn_native(value: torch.Tensor, spatial_shapes: Sequence[Tuple[int, int]],
                           level_start_index: Sequence[int], sampling_locations: torch.Tensor,
                           attention_weights: torch.Tensor,
-                          num_points_list: Optional[Sequence[int]] = None) -> torch.Tensor:
+                          num_points_list: Optional[Sequence[int]] = None,
+                          method: str = "default") -> torch.Tensor:
     if not _ensure_registered():
         raise RuntimeError("the native extension rtdetr_fast._C with ms_deform_attn is not built")
     loc, attn, num_points = flatten_points(sampling_locations, attention_weights,
                                            num_points_list)
     shapes, starts = flat_levels(spatial_shapes, level_start_index)
     return torch.ops.rtdetr_fast.ms_deform_attn(
-        value.contiguous(), shapes, starts, loc.contiguous(), attn.contiguous(), num_points)
+        value.contiguous(), shapes, starts, loc.contiguous(), attn.contiguous(), num_points,
+        method)
 
 
 # ops.ms_deform_attn passes num_points_list through instead of padding to max(P)
 ms_deform_attn_native.supports_num_points_list = True  # type: ignore[attr-defined]
+ms_deform_attn_native.methods = ("default", "discrete")  # type: ignore[attr-defined]
 
 _backend.register("ms_deform_attn", "native", _supports)(ms_deform_attn_native)
 
