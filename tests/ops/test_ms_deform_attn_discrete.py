@@ -12,7 +12,8 @@ import torch
 from rtdetr_fast import ops
 from rtdetr_fast.ops import _backend
 from rtdetr_fast.ops.ms_deform_attn import native
-from test_ms_deform_attn import HAS_CUDA, assert_tied
+# the Triton tests run in the interpreter child of test_ms_deform_attn.py (one way to run it)
+from test_ms_deform_attn import HAS_CUDA, assert_tied, triton_device  # noqa: F401
 
 HAS_NATIVE_CPU = _backend.extension_has("ms_deform_attn", "cpu")
 HAS_NATIVE_CUDA = HAS_CUDA and _backend.extension_has("ms_deform_attn", "cuda")
@@ -242,6 +243,12 @@ def test_unknown_method_is_a_one_line_error(method):
     assert "\n" not in str(info.value)
 
 
+def test_every_backend_has_the_discrete_kernel():
+    """No backend falls back to the reference for the mode (ops.ms_deform_attn would warn)."""
+    for name, (fn, _) in _backend._REGISTRY["ms_deform_attn"].items():
+        assert "discrete" in getattr(fn, "methods", ()), name
+
+
 # ------------------------------------------------------------------- native: the op itself
 
 @needs_native
@@ -335,10 +342,34 @@ def test_native_discrete_empty_batch_or_queries(B, Q):
     assert value.grad.shape == value.shape and not value.grad.any()
 
 
+# --------------------------------------------------------- Triton (interpreter child on CPU)
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("B,Q,H,D,shapes,counts", CASES[:3])
+def test_triton_discrete_matches_float64_loop(triton_device, dtype, B, Q, H, D, shapes,
+                                              counts):
+    check_against_loop("triton", B, Q, H, D, shapes, counts, dtype, device=triton_device)
+
+
+def test_triton_discrete_padded_form(triton_device):
+    check_against_loop("triton", 2, 3, 2, 6, [(5, 3), (2, 4)], [2, 2], torch.float64,
+                       padded=True, device=triton_device)
+
+
+def test_triton_discrete_edges(triton_device):
+    check_edges("triton", triton_device)
+
+
+def test_triton_discrete_gradcheck(triton_device):
+    check_gradcheck("triton", triton_device)
+
+
 # ----------------------------------------------------------------------------------- CUDA
 
 CUDA_BACKENDS = [pytest.param("native", marks=pytest.mark.skipif(
-                     not HAS_NATIVE_CUDA, reason="no CUDA or no CUDA build"))]
+                     not HAS_NATIVE_CUDA, reason="no CUDA or no CUDA build")),
+                 pytest.param("triton", marks=pytest.mark.skipif(
+                     not HAS_CUDA, reason="no CUDA"))]
 
 
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)

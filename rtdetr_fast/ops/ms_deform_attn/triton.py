@@ -4,7 +4,9 @@ The kernels (``_triton_kernels``, which imports triton) load on first use, so im
 module needs no Triton. They run on CUDA tensors, or on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1``, read by ``triton.jit`` when a kernel is defined: the kernel module is
 re-imported when that setting changed). Forward and backward are torch custom ops with fake
-and autograd implementations, so torch.compile sees one opaque op.
+and autograd implementations, so torch.compile sees one opaque op. ``method`` is "default"
+(bilinear) or "discrete" (RT-DETRv2's nearest cell, zero location gradient), a constexpr of
+the kernels: each method compiles its own.
 """
 from __future__ import annotations
 
@@ -47,6 +49,14 @@ def _block_d(D: int) -> int:
     return max(16, 1 << (D - 1).bit_length())
 
 
+def _launch_options(method: str) -> dict:
+    # the discrete cell is floor(x*W + 0.5) with the product and the sum rounded separately,
+    # as PyTorch and the native kernels compute it: no FMA fusion in that kernel (the
+    # interpreter ignores the option)
+    return {"DISCRETE": method == "discrete", **({"enable_fp_fusion": False}
+                                                 if method == "discrete" else {})}
+
+
 def _block_r(D: int) -> int:
     # about 2K elements per tile: enough rows in flight without spilling on wide D
     return max(1, min(64, 2048 // _block_d(D)))
@@ -54,7 +64,8 @@ def _block_r(D: int) -> int:
 
 @torch.library.custom_op("rtdetr_fast::ms_deform_attn_triton", mutates_args=())
 def _forward(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-             sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+             sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+             method: str = "default") -> torch.Tensor:
     B, S, H, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
     out = value.new_empty((B, Q, H * D))
@@ -66,12 +77,14 @@ def _forward(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_inde
     with torch.device(value.device):
         k.ms_deform_attn_fwd[(triton_cdiv(rows, BR),)](
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, out,
-            rows, S, Q, H=H, D=D, L=L, P=P, BLOCK_R=BR, BLOCK_D=_block_d(D), ACC=_acc(k, value))
+            rows, S, Q, H=H, D=D, L=L, P=P, BLOCK_R=BR, BLOCK_D=_block_d(D), ACC=_acc(k, value),
+            **_launch_options(method))
     return out
 
 
 @_forward.register_fake
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+      method="default"):
     B, _, H, D = value.shape
     return value.new_empty((B, sampling_locations.shape[1], H * D))
 
@@ -79,8 +92,8 @@ def _(value, spatial_shapes, level_start_index, sampling_locations, attention_we
 @torch.library.custom_op("rtdetr_fast::ms_deform_attn_triton_backward", mutates_args=())
 def _backward_op(grad_output: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.Tensor,
                  level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
-                 attention_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                           torch.Tensor]:
+                 attention_weights: torch.Tensor, method: str = "default"
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, S, H, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
     # float32 accumulation: half/bfloat16 atomics would round every addition
@@ -95,19 +108,21 @@ def _backward_op(grad_output: torch.Tensor, value: torch.Tensor, spatial_shapes:
             k.ms_deform_attn_bwd[(triton_cdiv(rows, BR),)](
                 grad_output, value, spatial_shapes, level_start_index, sampling_locations,
                 attention_weights, grad_value, grad_loc, grad_attn, rows, S, Q, H=H, D=D, L=L,
-                P=P, BLOCK_R=BR, BLOCK_D=_block_d(D), ACC=_acc(k, value))
+                P=P, BLOCK_R=BR, BLOCK_D=_block_d(D), ACC=_acc(k, value),
+                **_launch_options(method))
     return grad_value.to(value.dtype), grad_loc, grad_attn
 
 
 @_backward_op.register_fake
 def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-      attention_weights):
+      attention_weights, method="default"):
     return (torch.empty_like(value), torch.empty_like(sampling_locations),
             torch.empty_like(attention_weights))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:5])
+    ctx.method = inputs[5] if len(inputs) > 5 else "default"
 
 
 def _autograd_backward(ctx, grad_output):
@@ -121,8 +136,9 @@ def _autograd_backward(ctx, grad_output):
             warnings.warn(msg)
         else:
             raise RuntimeError(msg)
-    grad_value, grad_loc, grad_attn = _backward_op(grad_output.contiguous(), *ctx.saved_tensors)
-    return grad_value, None, None, grad_loc, grad_attn
+    grad_value, grad_loc, grad_attn = _backward_op(grad_output.contiguous(), *ctx.saved_tensors,
+                                                   ctx.method)
+    return grad_value, None, None, grad_loc, grad_attn, None
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -160,11 +176,14 @@ def _level_tensors(spatial_shapes, level_start_index, device):
 
 
 def ms_deform_attn_triton(value: torch.Tensor, spatial_shapes, level_start_index,
-                          sampling_locations: torch.Tensor,
-                          attention_weights: torch.Tensor) -> torch.Tensor:
+                          sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                          method: str = "default") -> torch.Tensor:
     shapes, starts = _level_tensors(spatial_shapes, level_start_index, value.device)
     return _forward(value.contiguous(), shapes, starts, sampling_locations.contiguous(),
-                    attention_weights.contiguous())
+                    attention_weights.contiguous(), method)
+
+
+ms_deform_attn_triton.methods = ("default", "discrete")  # type: ignore[attr-defined]
 
 
 _backend.register("ms_deform_attn", "triton", _backend.triton_supports)(ms_deform_attn_triton)
