@@ -2,7 +2,8 @@
 80x80, 40x40, 20x20; H=8, D=32, L=3, P=4), forward and forward+backward, every backend.
 
 CPU runs use B in {1, 8} (B=8, Q=300 is the speed-up target); GPU runs B in {1, 8, 32} and
-report achieved GB/s against the bytes that must move (extra_info)."""
+report achieved GB/s against the bytes that must move (extra_info). The method benchmark puts
+RT-DETRv2's discrete sampling beside the bilinear default (forward, Q=300)."""
 from __future__ import annotations
 
 import pytest
@@ -91,3 +92,42 @@ def test_ms_deform_attn(benchmark, device, B, Q, dtype, backend, mode):
         torch=torch.__version__, cuda=torch.version.cuda, dtype=str(dtype), B=B, Q=Q, S=S, H=H,
         D=D, L=L, P=P, mode=mode, backend=backend, bytes=moved, gb_per_s=moved / mean / 1e9,
         threads=torch.get_num_threads())
+
+
+def _method_params():
+    for device, B, Q, dtype in CASES:
+        if Q != 300 or (device == "cpu" and dtype != torch.float32):
+            continue
+        marks = [pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")] if device == "cuda" else []
+        for backend in ("reference", "native", "triton"):
+            yield pytest.param(device, B, Q, dtype, backend, marks=marks,
+                               id=f"{device}-B{B}-Q{Q}-{str(dtype)[6:]}-{backend}")
+
+
+@pytest.mark.parametrize("device,B,Q,dtype,backend", list(_method_params()))
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_ms_deform_attn_method_forward(benchmark, device, B, Q, dtype, backend, method):
+    """RT-DETRv2's sampling methods side by side, forward only: bilinear ("default", four
+    value rows per point) against discrete (one row per point)."""
+    if backend not in _backends(device):
+        pytest.skip(f"{backend} not available on {device}")
+    value, ss, starts, loc, attn = _inputs(B, Q, dtype, device)
+    shapes, starts = ss.tolist(), starts.tolist()  # host ints, as the model passes them
+
+    def step():
+        with ops.backend(backend):
+            ops.ms_deform_attn(value, shapes, starts, loc, attn, method=method)
+        _sync(device)
+
+    with torch.no_grad():
+        step()  # warm-up: Triton compilation, lazy registration
+        benchmark.pedantic(step, rounds=3 if device == "cpu" else 50, iterations=1,
+                           warmup_rounds=1)
+    elem = torch.finfo(dtype).bits // 8
+    moved = _bytes_forward(B, Q, elem)
+    mean = benchmark.stats.stats.mean
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        torch=torch.__version__, cuda=torch.version.cuda, dtype=str(dtype), B=B, Q=Q, S=S, H=H,
+        D=D, L=L, P=P, mode="fwd", method=method, backend=backend, bytes=moved,
+        gb_per_s=moved / mean / 1e9, threads=torch.get_num_threads())
