@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
 from typing import Dict, Optional, Tuple
 
@@ -86,6 +87,200 @@ def coco_datasets(root: str, size: Tuple[int, int], augment: str = "official"):
         raise ValueError(f"augment must be 'official', 'light' or 'none', got {augment!r}")
     return (CocoDetection(train_images, train_ann, transforms=tf),
             CocoDetection(val_images, val_ann, transforms=eval_transforms(size)))
+
+
+# --------------------------------------------------------------------------------------------
+# the official training recipes, by preset
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ParamGroup:
+    """One optimizer group of an official config: the parameters whose name matches
+    ``pattern`` (the config's regex, searched as the official ``re.findall``), with their own
+    ``lr`` and/or ``weight_decay`` (None: the optimizer's)."""
+    name: str
+    pattern: str
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+
+
+# the strong augmentations the official ``stop_epoch`` policy switches off
+STRONG_AUGMENTATIONS = ("RandomPhotometricDistort", "RandomZoomOut", "RandomIoUCrop")
+OFFICIAL_SCALES = (480, 512, 544, 576, 608, 640, 640, 640, 672, 704, 736, 768, 800)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """An official training recipe (configs/rtdetr*/): epochs, the 0-based epoch from which the
+    strong augmentations and multi-scale training stop, the AdamW groups, EMA, clipping, the
+    loss and matcher weights. Defaults are the shared include files' values."""
+    preset: str
+    epochs: int = 72
+    stop_epoch: int = 71
+    multi_scale: bool = True
+    multi_scale_stop_epoch: int = 71
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: Tuple[float, float] = (0.9, 0.999)
+    groups: Tuple[ParamGroup, ...] = ()
+    warmup_steps: int = 2000
+    ema_decay: float = 0.9999
+    ema_warmups: int = 2000
+    clip_max_norm: float = 0.1
+    total_batch_size: int = 16
+    # RTDETRCriterion(v2) and HungarianMatcher, as the configs set them
+    loss_weights: Tuple[Tuple[str, float], ...] = (("loss_vfl", 1.0), ("loss_bbox", 5.0),
+                                                   ("loss_giou", 2.0))
+    vfl_alpha: float = 0.75
+    vfl_gamma: float = 2.0
+    matcher_weights: Tuple[Tuple[str, float], ...] = (("cost_class", 2.0), ("cost_bbox", 5.0),
+                                                      ("cost_giou", 2.0))
+    matcher_alpha: float = 0.25
+    matcher_gamma: float = 2.0
+
+    def param_groups(self, model) -> list:
+        """AdamW groups as the official ``get_optim_params`` makes them: each group takes the
+        trainable parameters its regex finds in their names, the rest form a last group with
+        the optimizer's settings. A parameter matched by two groups is an error (the official
+        optimizer refuses it too)."""
+        from .train import unwrap
+
+        named = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
+        taken: Dict[str, str] = {}
+        out = []
+        for g in self.groups:
+            params = []
+            for n, p in named:
+                if re.findall(g.pattern, n):
+                    if n in taken:
+                        raise ValueError(f"parameter {n} is in optimizer groups {taken[n]} and "
+                                         f"{g.name}")
+                    taken[n] = g.name
+                    params.append(p)
+            settings = {k: v for k, v in (("lr", g.lr), ("weight_decay", g.weight_decay))
+                        if v is not None}
+            if params:
+                out.append(dict(params=params, name=g.name, **settings))
+        rest = [p for n, p in named if n not in taken]
+        if rest:
+            out.append(dict(params=rest, name="default"))
+        return out
+
+    def build_optimizer(self, model) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.param_groups(model), lr=self.lr, betas=self.betas,
+                                 weight_decay=self.weight_decay)
+
+    def train_transforms(self, size: Tuple[int, int], generator=None) -> "StopEpochPolicy":
+        """The official train pipeline whose strong augmentations stop at ``stop_epoch``."""
+        return StopEpochPolicy(train_transforms(size, generator=generator).transforms,
+                               self.stop_epoch)
+
+    def collate(self, size: int, *followers) -> "EpochCollate":
+        """Batches resized to a size drawn from the official scales (scaled to ``size``)
+        until ``multi_scale_stop_epoch`` when the recipe trains multi-scale; ``set_epoch``
+        reaches ``followers`` too (pass the ``train_transforms`` policy)."""
+        from ..data.transforms import MultiScaleCollate
+
+        inner = collate_fn
+        if self.multi_scale:
+            sizes = [max(32, int(round(s * size / 640 / 32)) * 32) for s in OFFICIAL_SCALES]
+            inner = MultiScaleCollate(sizes=sizes, stop_epoch=self.multi_scale_stop_epoch)
+        return EpochCollate(inner, *followers)
+
+    def make_trainer(self, model, train_loader, cfg=None, **kwargs):
+        """A Trainer with this recipe's optimizer groups (the Trainer builds its default
+        groups; they are replaced before any step, so resuming works on these)."""
+        from .train import LRSchedule, TrainConfig, Trainer
+
+        if cfg is None:
+            cfg = TrainConfig(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+                              betas=self.betas, warmup_steps=self.warmup_steps,
+                              ema_decay=self.ema_decay, ema_warmups=self.ema_warmups,
+                              clip_max_norm=self.clip_max_norm)
+        trainer = Trainer(model, train_loader, cfg, **kwargs)
+        trainer.optimizer = self.build_optimizer(trainer.model)
+        trainer.schedule = LRSchedule(trainer.optimizer, trainer.cfg)
+        return trainer
+
+
+class StopEpochPolicy:
+    """A Compose whose ``ops`` (by class name) are skipped from epoch ``stop_epoch`` on (the
+    official ``policy: {name: stop_epoch}``). ``set_epoch`` comes from :class:`EpochCollate`:
+    with non-persistent loader workers the dataset is pickled after it, so workers see it."""
+
+    def __init__(self, transforms, stop_epoch: int, ops=STRONG_AUGMENTATIONS):
+        self.transforms, self.stop_epoch, self.ops = list(transforms), stop_epoch, tuple(ops)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __call__(self, image, target):
+        for t in self.transforms:
+            if self.epoch >= self.stop_epoch and type(t).__name__ in self.ops:
+                continue
+            image, target = t(image, target)
+        return image, target
+
+
+class EpochCollate:
+    """A collate function whose ``set_epoch`` (called by the Trainer) also reaches
+    ``followers``."""
+
+    def __init__(self, collate, *followers):
+        self.collate, self.followers = collate, followers
+
+    def set_epoch(self, epoch: int) -> None:
+        for obj in (self.collate, *self.followers):
+            if hasattr(obj, "set_epoch"):
+                obj.set_epoch(epoch)
+
+    def __call__(self, batch):
+        return self.collate(batch)
+
+
+_V1_GROUPS = (  # rtdetr_r18vd_6x_coco.yml (train.param_groups applies them to every v1 preset)
+    ParamGroup("backbone_norm", r"^(?=.*backbone)(?=.*norm).*$", lr=1e-5, weight_decay=0.0),
+    ParamGroup("backbone", r"^(?=.*backbone)(?!.*norm).*$", lr=1e-5),
+    ParamGroup("no_decay", r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bias)).*$", weight_decay=0.0),
+)
+_V2_R50_GROUPS = (  # configs/rtdetrv2/include/optimizer.yml, rtdetrv2_r50vd{,_m}_*.yml
+    ParamGroup("backbone", r"^(?=.*backbone)(?!.*norm).*$", lr=1e-5),
+    ParamGroup("no_decay", r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn)).*$", weight_decay=0.0),
+)
+RECIPES: Dict[str, Recipe] = {
+    **{name: Recipe(name, groups=_V1_GROUPS) for name in
+       ("rtdetr_r18vd", "rtdetr_r34vd", "rtdetr_r50vd_m", "rtdetr_r50vd", "rtdetr_r101vd")},
+    # rtdetrv2_r18vd_120e_coco.yml: 120 epochs, strong augmentation until 117, no multi-scale
+    # (collate scales ~), the backbone at the base lr, no weight decay on any norm
+    "rtdetrv2_r18vd": Recipe(
+        "rtdetrv2_r18vd", epochs=120, stop_epoch=117, multi_scale=False,
+        groups=(ParamGroup("no_decay", r"^(?=.*(?:norm|bn)).*$", weight_decay=0.0),)),
+    # rtdetrv2_r34vd_120e_coco.yml: the backbone at 5e-5, multi-scale until 117
+    "rtdetrv2_r34vd": Recipe(
+        "rtdetrv2_r34vd", epochs=120, stop_epoch=117, multi_scale_stop_epoch=117,
+        groups=(ParamGroup("backbone", r"^(?=.*backbone)(?!.*norm|bn).*$", lr=5e-5),
+                ParamGroup("backbone_norm", r"^(?=.*backbone)(?=.*norm|bn).*$", lr=5e-5,
+                           weight_decay=0.0),
+                ParamGroup("no_decay", r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$",
+                           weight_decay=0.0))),
+    # rtdetrv2_r50vd_m_7x_coco.yml: 84 epochs, both stops at 81
+    "rtdetrv2_r50vd_m": Recipe("rtdetrv2_r50vd_m", epochs=84, stop_epoch=81,
+                               multi_scale_stop_epoch=81, groups=_V2_R50_GROUPS),
+    "rtdetrv2_r50vd": Recipe("rtdetrv2_r50vd", groups=_V2_R50_GROUPS),
+    # rtdetrv2_r101vd_6x_coco.yml: the backbone at 1e-6
+    "rtdetrv2_r101vd": Recipe(
+        "rtdetrv2_r101vd",
+        groups=(ParamGroup("backbone", r"^(?=.*backbone)(?!.*norm|bn).*$", lr=1e-6),
+                _V2_R50_GROUPS[1])),
+}
+
+
+def recipe_for(preset: str) -> Recipe:
+    """The official training recipe of ``preset`` (a model config's ``name``)."""
+    if preset not in RECIPES:
+        raise ValueError(f"no training recipe for {preset!r}; choose one of "
+                         f"{', '.join(RECIPES)}")
+    return RECIPES[preset]
 
 
 # the demo: a narrow rtdetr_r18vd on 160x160 synthetic scenes, trained from scratch on a CPU

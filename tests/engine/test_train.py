@@ -74,6 +74,109 @@ def test_param_groups_follow_the_official_recipe():
     assert opt.defaults["lr"] == 1e-4 and opt.defaults["weight_decay"] == 1e-4
 
 
+V2_RECIPES = {  # preset: (epochs, strong-augmentation stop, multi-scale stop or None,
+    #                  backbone lr, weight decay of encoder/decoder biases)
+    "rtdetrv2_r18vd": (120, 117, None, 1e-4, 1e-4),
+    "rtdetrv2_r34vd": (120, 117, 117, 5e-5, 0.0),
+    "rtdetrv2_r50vd_m": (84, 81, 81, 1e-5, 1e-4),
+    "rtdetrv2_r50vd": (72, 71, 71, 1e-5, 1e-4),
+    "rtdetrv2_r101vd": (72, 71, 71, 1e-6, 1e-4),
+}
+
+
+@pytest.mark.parametrize("preset", list(V2_RECIPES))
+def test_v2_param_groups_follow_the_official_recipes(preset):
+    from rtdetr_fast.engine.recipes import recipe_for
+
+    epochs, stop, ms_stop, backbone_lr, bias_wd = V2_RECIPES[preset]
+    recipe = recipe_for(preset)
+    assert (recipe.epochs, recipe.stop_epoch) == (epochs, stop)
+    assert (recipe.multi_scale_stop_epoch if recipe.multi_scale else None) == ms_stop
+    model = RTDETR.from_name(preset, num_classes=3, hidden_dim=64, dim_feedforward=128,
+                             num_queries=20, cross_attn_method="discrete")
+    opt = recipe.build_optimizer(model)
+    assert opt.defaults["lr"] == 1e-4 and opt.defaults["weight_decay"] == 1e-4
+    setting = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            assert id(p) not in setting, "a parameter in two groups"
+            setting[id(p)] = (g["lr"], g["weight_decay"])
+    named = dict(model.named_parameters())
+    trainable = {n for n, p in named.items() if p.requires_grad}
+    assert {n for n in named if id(named[n]) in setting} == trainable
+    # discrete sampling: the frozen sampling offsets are in no group
+    assert not any("sampling_offsets" in n for n in trainable)
+    lr = {n: setting[id(named[n])] for n in trainable}
+    assert lr["backbone.res_layers.1.blocks.0.branch2a.conv.weight"] == (backbone_lr, 1e-4)
+    assert lr["decoder.dec_bbox_head.0.layers.0.weight"] == (1e-4, 1e-4)
+    assert lr["decoder.decoder.layers.0.norm1.weight"] == (1e-4, 0.0)
+    assert lr["encoder.input_proj.0.norm.weight"] == (1e-4, 0.0)
+    assert lr["decoder.dec_bbox_head.0.layers.0.bias"] == (1e-4, bias_wd)
+    backbone_norm = "backbone.res_layers.1.blocks.0.branch2a.norm.weight"
+    if preset in ("rtdetrv2_r18vd", "rtdetrv2_r34vd"):  # trainable backbone norms
+        assert lr[backbone_norm] == (backbone_lr, 0.0)
+    else:  # frozen: buffers, not parameters
+        assert backbone_norm not in named
+
+
+def test_v1_recipe_groups_are_the_trainers():
+    from rtdetr_fast.engine.recipes import recipe_for
+
+    model = tiny()
+    ours = {g["name"]: (g.get("lr"), g.get("weight_decay"), [id(p) for p in g["params"]])
+            for g in recipe_for("rtdetr_r18vd").param_groups(model)}
+    theirs = {g["name"]: (g.get("lr"), g.get("weight_decay"), [id(p) for p in g["params"]])
+              for g in param_groups(model, TrainConfig())}
+    assert ours == theirs
+
+
+def test_v2_recipe_stops_strong_augmentation_and_multi_scale(tmp_path):
+    from rtdetr_fast.engine.recipes import recipe_for
+
+    recipe = recipe_for("rtdetrv2_r34vd")
+    policy = recipe.train_transforms((64, 64))
+    names = [type(t).__name__ for t in policy.transforms]
+    assert names[:3] == ["RandomPhotometricDistort", "RandomZoomOut", "RandomIoUCrop"]
+    collate = recipe.collate(64, policy)
+    calls = []
+    policy.transforms = [type(n, (), {"__call__": lambda self, i, t, n=n: (calls.append(n), (i, t))[1]})()
+                         for n in names]
+    batch = [(torch.rand(3, 64, 64), {"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]),
+                                      "labels": torch.tensor([0])})] * 2
+    for epoch, strong, multi in [(0, True, True), (116, True, True), (117, False, False)]:
+        collate.set_epoch(epoch)
+        calls.clear()
+        policy(None, {})
+        assert ("RandomIoUCrop" in calls) == strong and "Resize" in calls
+        assert collate.collate.enabled == multi
+        images, _ = collate(batch)
+        assert images.shape[0] == 2
+    sizes = recipe.collate(640).collate.sizes
+    assert sizes == [480, 512, 544, 576, 608, 640, 640, 640, 672, 704, 736, 768, 800]
+    assert not recipe_for("rtdetrv2_r18vd").multi_scale
+
+
+def test_v2_recipe_trainer_and_criterion(tmp_path):
+    from rtdetr_fast.engine.recipes import recipe_for
+
+    recipe = recipe_for("rtdetrv2_r101vd")
+    model = RTDETR.from_name("rtdetrv2_r18vd", num_classes=3, hidden_dim=64,
+                             dim_feedforward=128, num_queries=20, num_denoising=20)
+    trainer = recipe.make_trainer(model, [], cfg(tmp_path))
+    assert [g["name"] for g in trainer.optimizer.param_groups] == ["backbone", "no_decay",
+                                                                   "default"]
+    assert trainer.optimizer.param_groups[0]["lr"] == 1e-6
+    trainer.schedule.apply(0, 0)
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-6 / 2)
+    crit = model.criterion
+    assert crit.weights == dict(recipe.loss_weights)
+    assert (crit.alpha, crit.gamma) == (recipe.vfl_alpha, recipe.vfl_gamma)
+    m = crit.matcher
+    assert dict(cost_class=m.cost_class, cost_bbox=m.cost_bbox,
+                cost_giou=m.cost_giou) == dict(recipe.matcher_weights)
+    assert (m.alpha, m.gamma) == (recipe.matcher_alpha, recipe.matcher_gamma)
+
+
 def test_warmup_and_milestones():
     model = nn.Linear(2, 2)
     c = TrainConfig(warmup_steps=4, lr_milestones=(2,), lr=1.0)
