@@ -278,6 +278,30 @@ def test_cpu_backward_deterministic():
         assert torch.equal(a, b)
 
 
+@needs_native
+def test_cpu_backward_large_value_gradient():
+    # a value gradient of 8 MiB and more takes the huge-page, parallel-zeroed allocation
+    # (csrc/common/cpu_alloc.h): untouched rows must be exact zeros, touched ones as the reference
+    inputs = make_inputs(2, 40, 8, 32, [(64, 64), (32, 32), (16, 16)], 4, dtype=torch.float32)
+    assert inputs[0].numel() * 4 >= 8 << 20
+    g = torch.randn(2, 40, 8 * 32, generator=torch.Generator().manual_seed(1))
+    _, grads = run("native", *inputs, grad_out=g)
+    _, ref = run("reference", *inputs, grad_out=g)
+    _, ref64 = run("reference", *(t.double() if t.is_floating_point() else t for t in inputs),
+                   grad_out=g.double())
+    gv = grads[0]
+    assert gv.is_contiguous() and gv.shape == inputs[0].shape
+    untouched = ref64[0] == 0
+    assert untouched.float().mean() > 0.5
+    assert torch.equal(gv[untouched], torch.zeros_like(gv[untouched]))
+    # location gradients carry a factor W_l (64 here): a looser absolute floor
+    for ours, same, exact, what, atol in zip(grads, ref, ref64, ("value", "locations", "weights"),
+                                             (1e-5, 1e-3, 1e-4)):
+        assert_tied(ours, exact, same, atol, what)
+    gv.add_(1.0)  # an ordinary, writable tensor
+    del gv, grads
+
+
 # ------------------------------------------------------------------------------ bad input
 
 def _bad_cases():

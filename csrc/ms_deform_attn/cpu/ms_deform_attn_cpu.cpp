@@ -11,6 +11,7 @@
 #include <memory>
 #include <vector>
 
+#include "common/cpu_alloc.h"
 #include "ms_deform_attn/ms_deform_attn.h"
 #include "ms_deform_attn/ms_deform_attn_math.h"
 
@@ -97,7 +98,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const Dims d = check_args(value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights, num_points, &grad_output, method);
   check_levels(spatial_shapes, level_start_index, d.S);
-  at::Tensor grad_value = at::zeros_like(value);
+  // tens of MB at training batch sizes: huge pages, zeroed in parallel (common/cpu_alloc.h)
+  at::Tensor grad_value = zeros_cpu_large(value.sizes(), value.options());
   at::Tensor grad_loc = at::zeros_like(sampling_locations);
   at::Tensor grad_attn = at::zeros_like(attention_weights);
   if (grad_output.numel() == 0 || value.numel() == 0)
