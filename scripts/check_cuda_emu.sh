@@ -99,8 +99,14 @@ mutate rep_conv_wait "$REP" 's/cp_async_wait<STAGES - 2>()/cp_async_wait<STAGES 
 mutate rep_conv_ldmatrix "$REP" 's/const int lhalf = lane >> 4;/const int lhalf = (lane >> 3) \& 1;/'
 # the point broadcast from the wrong lane of the group
 mutate msda_shfl "$MSDA" 's/group_bcast<G>(mask, pt.c.row\[c\], k)/group_bcast<G>(mask, pt.c.row[c], k + 1)/'
+# the official discrete clamp (x clamped to H_l - 1 as well): a mutated copy of the shared math
+# header, included by absolute path from a copy of the kernel
+MATH=csrc/ms_deform_attn/ms_deform_attn_math.h
+sed -e 's/nearest_cell(x, w))/nearest_cell(x, h))/' "$MATH" > "$TMP/mut/msda_math_h_clamp.h"
+cmp -s "$MATH" "$TMP/mut/msda_math_h_clamp.h" && echo "mutant msda_h_clamp: the edit did not apply" > "$TMP/mut/msda_h_clamp.noop"
+mutate msda_h_clamp "$MSDA" "s|#include \"ms_deform_attn/ms_deform_attn_math.h\"|#include \"$TMP/mut/msda_math_h_clamp.h\"|"
 MUTANTS=(topk_race:topk topk_no_barrier:topk rep_conv_no_barrier:rep_conv rep_conv_swizzle:rep_conv
-         rep_conv_wait:rep_conv rep_conv_ldmatrix:rep_conv msda_shfl:msda)
+         rep_conv_wait:rep_conv rep_conv_ldmatrix:rep_conv msda_shfl:msda msda_h_clamp:msda)
 
 # ---- build everything (parallel) ----
 build_common plain &
