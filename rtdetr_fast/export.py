@@ -14,7 +14,10 @@ plain torch ops that every exporter translates:
 
 - deformable attention: ``F.grid_sample`` per level (ONNX GridSample, opset >= 16), or with
   ``grid_sample=False`` a gather-based bilinear sampler (Gather, no GridSample node) for
-  runtimes that lack or mis-compile GridSample;
+  runtimes that lack or mis-compile GridSample. RT-DETRv2's options are the eager model's: per-
+  level point counts, ``offset_scale`` and the ``num_points_scale`` buffer in the sampling
+  locations, and ``cross_attn_method="discrete"`` as a nearest-cell gather in both forms (no
+  GridSample node);
 - top-K query selection and the detections' top-K: ``torch.topk`` (ONNX TopK, which orders equal
   values by the lower index, as the eager ops do);
 - RepConv: a plain 3x3 conv with bias after :meth:`RTDETR.deploy` folded it.
@@ -47,6 +50,7 @@ __all__ = [
     "load_aoti",
     "deform_attn_grid_sample",
     "deform_attn_gather",
+    "deform_attn_discrete",
     "DEFAULT_OPSET",
     "OPSETS",
     "EXPORTERS",
@@ -119,41 +123,62 @@ def _split_levels(value: torch.Tensor, shapes: Sequence[Tuple]) -> List[torch.Te
     return list(value.split([h * w for h, w in shapes], dim=1))
 
 
+def _points_by_level(sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                     num_points_list: Optional[Sequence[int]]
+                     ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Per level: locations [B,Q,H,P_l,2] and weights [B,Q,H,P_l], from either layout of
+    ``ops.ms_deform_attn``: [B,Q,H,L,P,2] / [B,Q,H,L,P] (one count for every level), or
+    [B,Q,H,N,2] / [B,Q,H,N] with ``num_points_list`` (RT-DETRv2's per-level counts, level l
+    owning num_points_list[l] consecutive points)."""
+    if num_points_list is None:
+        L = sampling_locations.shape[3]
+        return ([sampling_locations[:, :, :, lvl] for lvl in range(L)],
+                [attention_weights[:, :, :, lvl] for lvl in range(L)])
+    counts = [int(p) for p in num_points_list]
+    return (list(sampling_locations.split(counts, dim=3)),
+            list(attention_weights.split(counts, dim=3)))
+
+
 def deform_attn_grid_sample(value: torch.Tensor, shapes: Sequence[Tuple],
                             sampling_locations: torch.Tensor,
-                            attention_weights: torch.Tensor) -> torch.Tensor:
+                            attention_weights: torch.Tensor,
+                            num_points_list: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Multi-scale deformable attention with one ``grid_sample`` per level (ONNX GridSample).
 
     The reference formulation with the level sizes ``shapes`` [(H_l, W_l)] taken from the
     feature maps' shapes (symbolic under export) instead of a tensor read on the host.
-    value [B,S,H,D]; sampling_locations [B,Q,H,L,P,2]; attention_weights [B,Q,H,L,P]
-    -> [B,Q,H*D]."""
+    value [B,S,H,D]; sampling_locations [B,Q,H,L,P,2] and attention_weights [B,Q,H,L,P], or
+    [B,Q,H,N,2] and [B,Q,H,N] with ``num_points_list`` -> [B,Q,H*D]."""
     B, _, H, D = value.shape
-    _, Q, _, L, P, _ = sampling_locations.shape
-    grids = 2 * sampling_locations - 1
+    Q = sampling_locations.shape[1]
+    locs, weights = _points_by_level(sampling_locations, attention_weights, num_points_list)
     sampled = []
-    for lvl, (v, (h, w)) in enumerate(zip(_split_levels(value, shapes), shapes)):
+    for v, (h, w), loc in zip(_split_levels(value, shapes), shapes, locs):
         v = v.permute(0, 2, 3, 1).reshape(B * H, D, h, w)
-        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # [B*H, Q, P, 2]
+        g = (2 * loc - 1).transpose(1, 2).flatten(0, 1)  # [B*H, Q, P_l, 2]
         sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros",
-                                     align_corners=False))  # [B*H, D, Q, P]
-    weights = attention_weights.transpose(1, 2).reshape(B * H, 1, Q, L * P)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)  # [B*H, D, Q]
+                                     align_corners=False))  # [B*H, D, Q, P_l]
+    # [B, Q, H, N] -> [B*H, 1, Q, N], the points in the order of the sampled columns
+    weights = torch.cat(weights, dim=-1).transpose(1, 2).reshape(B * H, 1, Q, -1)
+    out = (torch.cat(sampled, dim=-1) * weights).sum(-1)  # [B*H, D, Q]
     return out.view(B, H * D, Q).transpose(1, 2)
 
 
 def deform_attn_gather(value: torch.Tensor, shapes: Sequence[Tuple],
                        sampling_locations: torch.Tensor,
-                       attention_weights: torch.Tensor) -> torch.Tensor:
+                       attention_weights: torch.Tensor,
+                       num_points_list: Optional[Sequence[int]] = None) -> torch.Tensor:
     """The same bilinear sampling (align_corners=False, zeros outside) written with gathers of
-    the four corners: no GridSample node in an ONNX graph."""
+    the four corners: no GridSample node in an ONNX graph. Layouts as
+    :func:`deform_attn_grid_sample`."""
     B, _, H, D = value.shape
-    _, Q, _, L, P, _ = sampling_locations.shape
+    Q = sampling_locations.shape[1]
+    locs, weights = _points_by_level(sampling_locations, attention_weights, num_points_list)
     out = None
-    for lvl, (v, (h, w)) in enumerate(zip(_split_levels(value, shapes), shapes)):
+    for v, (h, w), loc, aw in zip(_split_levels(value, shapes), shapes, locs, weights):
         # rows of one (batch, head) are contiguous: [B*H*h*w, D]
         v = v.permute(0, 2, 1, 3).reshape(-1, D)
-        loc = sampling_locations[:, :, :, lvl].transpose(1, 2)  # [B, H, Q, P, 2]
+        loc = loc.transpose(1, 2)  # [B, H, Q, P_l, 2]
         x = loc[..., 0] * w - 0.5
         y = loc[..., 1] * h - 0.5
         x0, y0 = x.floor(), y.floor()
@@ -168,11 +193,44 @@ def deform_attn_gather(value: torch.Tensor, shapes: Sequence[Tuple],
                 cw = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)
                 valid = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
                 idx = torch.where(valid, base + yi * w + xi, torch.zeros_like(xi))
-                corner = v.index_select(0, idx.reshape(-1)).view(B, H, Q, P, D)
+                corner = v.index_select(0, idx.reshape(-1)).view(B, H, Q, -1, D)
                 term = corner * (cw * valid.to(cw.dtype)).unsqueeze(-1)
                 acc = term if acc is None else acc + term
-        aw = attention_weights[:, :, :, lvl].transpose(1, 2).unsqueeze(-1)  # [B, H, Q, P, 1]
+        aw = aw.transpose(1, 2).unsqueeze(-1)  # [B, H, Q, P_l, 1]
         lvl_out = (acc * aw).sum(3)  # [B, H, Q, D]
+        out = lvl_out if out is None else out + lvl_out
+    return out.permute(0, 2, 1, 3).reshape(B, Q, H * D)
+
+
+def _discrete_cell(t: torch.Tensor, n) -> torch.Tensor:
+    """clamp(floor(t*n + 0.5), 0, n-1) as int64, NaN -> 0 (``reference.discrete_cells``, whose
+    ``clamp(0, n - 1)`` needs an int ``n``; here ``n`` may be a traced size)."""
+    f = torch.floor(t * n + 0.5)
+    f = torch.where(torch.isnan(f), torch.zeros_like(f), f)
+    return f.clamp(0, n - 1).to(torch.int64)
+
+
+def deform_attn_discrete(value: torch.Tensor, shapes: Sequence[Tuple],
+                         sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                         num_points_list: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """RT-DETRv2's discrete (nearest-cell) sampling as gathers, the export form of
+    ``ops.ms_deform_attn(..., method="discrete")`` whatever ``grid_sample`` says (there is no
+    interpolation to hand to GridSample): on level l of H_l x W_l cells, location (x, y) reads
+    the value row of cell ix = clamp(floor(x*W_l + 0.5), 0, W_l-1), iy = clamp(floor(y*H_l +
+    0.5), 0, H_l-1), each axis clamped to its own extent, times its weight; a NaN coordinate
+    reads cell 0 of its axis. Layouts as :func:`deform_attn_grid_sample`."""
+    B, _, H, D = value.shape
+    Q = sampling_locations.shape[1]
+    locs, weights = _points_by_level(sampling_locations, attention_weights, num_points_list)
+    out = None
+    for v, (h, w), loc, aw in zip(_split_levels(value, shapes), shapes, locs, weights):
+        v = v.permute(0, 2, 1, 3).reshape(-1, D)  # [B*H*h*w, D]
+        loc = loc.transpose(1, 2)  # [B, H, Q, P_l, 2]
+        ix, iy = _discrete_cell(loc[..., 0], w), _discrete_cell(loc[..., 1], h)
+        base = (torch.arange(B * H, device=value.device, dtype=torch.int64) * (h * w)).view(
+            B, H, 1, 1)
+        cell = v.index_select(0, (base + iy * w + ix).reshape(-1)).view(B, H, Q, -1, D)
+        lvl_out = (cell * aw.transpose(1, 2).unsqueeze(-1)).sum(3)  # [B, H, Q, D]
         out = lvl_out if out is None else out + lvl_out
     return out.permute(0, 2, 1, 3).reshape(B, Q, H * D)
 
@@ -187,6 +245,17 @@ def _gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------- the exported module
+# The two shape-dependent tables below are the only copies of model code in this module, kept
+# because the model's own functions bake the traced size into the graph:
+# - encoder.sincos_position_embedding calls int(w), int(h): under the TorchScript exporter's
+#   trace that records the traced size as a constant (a file traced at 160x128 then fails in
+#   ONNX Runtime at 128x192), and under torch.export int() of a symbolic size specialises it
+#   (the export stops on a guard on the image width);
+# - RTDETRDecoder.generate_anchors divides by torch.tensor([w, h]), which the TorchScript
+#   exporter's trace records as a constant too (the file then gives wrong detections at other
+#   sizes; torch.export alone would handle it).
+# Each computes the same values with the sizes kept as graph values; the tests compare the
+# exported graphs with the eager model at sizes other than the traced one.
 def _sincos_embedding(w, h, embed_dim: int, temperature: float, dtype, device) -> torch.Tensor:
     """encoder.sincos_position_embedding with the grid built in the graph (same layout)."""
     grid_w, grid_h = torch.meshgrid(torch.arange(w, dtype=torch.float32, device=device),
@@ -217,13 +286,29 @@ def _anchors(shapes, grid_size: float, eps: float, device) -> Tuple[torch.Tensor
     return anchors, valid
 
 
+# the export form of each (cross_attn_method, grid_sample): discrete sampling is a gather in
+# both forms (nothing to interpolate, so no GridSample node)
+_METHODS = ("default", "discrete")
+_DEFORM_ATTN_FORMS = {"GridSample": deform_attn_grid_sample,
+                      "bilinear gathers": deform_attn_gather,
+                      "discrete gathers": deform_attn_discrete}
+
+
+def _attn_form(method: str, grid_sample: bool) -> str:
+    if method == "discrete":
+        return "discrete gathers"
+    return "GridSample" if grid_sample else "bilinear gathers"
+
+
 class DeployModel(nn.Module):
     """The exported graph: ``(images, orig_target_sizes) -> (labels, boxes, scores)``.
 
     Holds a deployed (RepConv-folded) eval-mode copy of ``model``; the caller's model is not
     changed. Mirrors ``RTDETR.forward`` in eval mode followed by the post-processor, with the
     shape-dependent pieces computed from the input's shape and the custom ops in their export
-    forms (see the module docstring). ``grid_sample`` picks the deformable-attention form.
+    forms (see the module docstring). ``grid_sample`` picks the bilinear deformable-attention
+    form; a model with ``cross_attn_method="discrete"`` is exported as gathers either way
+    (``deform_attn_form`` names the form used).
     """
 
     def __init__(self, model: nn.Module, grid_sample: bool = True):
@@ -235,6 +320,14 @@ class DeployModel(nn.Module):
         model.deploy()
         self.model = model
         self.grid_sample = bool(grid_sample)
+        # one sampling method per model (every decoder layer is a copy of one layer)
+        methods = {layer.cross_attn.method for layer in model.decoder.decoder.layers}
+        unknown = sorted(methods - set(_METHODS))
+        if unknown:
+            raise ExportError(f"no export form for cross_attn_method {unknown[0]!r}: the "
+                              f"exporters know {', '.join(_METHODS)}")
+        self.deform_attn_form = ", ".join(sorted(_attn_form(m, self.grid_sample)
+                                                 for m in methods))
         self.num_top_queries = int(model.postprocessor.num_top_queries)
         self.eval()
 
@@ -270,17 +363,24 @@ class DeployModel(nn.Module):
         return outs
 
     def _deform_attn(self, attn, query, reference_points, value, shapes):
-        """MSDeformableAttention.forward with the export form of the sampling."""
+        """MSDeformableAttention.forward (eval, box reference points) with the export form of
+        the sampling: the module's own location arithmetic (v1's ``offsets / P * wh * 0.5``
+        where the module keeps it, else v2's ``offsets * num_points_scale * wh *
+        offset_scale``), its per-level point counts and its sampling method."""
         B, Q = query.shape[:2]
-        H, L, P = attn.num_heads, attn.num_levels, attn.num_points
+        H, N = attn.num_heads, sum(attn.num_points_list)
         value = attn.value_proj(value).reshape(B, value.shape[1], H, attn.head_dim)
-        offsets = attn.sampling_offsets(query).reshape(B, Q, H, L, P, 2)
-        weights = attn.attention_weights(query).reshape(B, Q, H, L * P)
-        weights = F.softmax(weights, dim=-1).reshape(B, Q, H, L, P)
-        locations = (reference_points[:, :, None, :, None, :2]
-                     + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
-        fn = deform_attn_grid_sample if self.grid_sample else deform_attn_gather
-        return attn.output_proj(fn(value, shapes, locations, weights))
+        offsets = attn.sampling_offsets(query).reshape(B, Q, H, N, 2)
+        weights = F.softmax(attn.attention_weights(query).reshape(B, Q, H, N), dim=-1)
+        xy, wh = reference_points[:, :, None, :, :2], reference_points[:, :, None, :, 2:]
+        if attn._v1_math:
+            locations = xy + offsets / attn.num_points * wh * 0.5
+        else:
+            scale = attn.num_points_scale.to(dtype=query.dtype).unsqueeze(-1)
+            locations = xy + offsets * scale * wh * attn.offset_scale
+        fn = _DEFORM_ATTN_FORMS[_attn_form(attn.method, self.grid_sample)]
+        out = fn(value, shapes, locations, weights, num_points_list=attn.num_points_list)
+        return attn.output_proj(out)
 
     def _decoder_layer(self, layer, tgt, reference_points, memory, shapes, query_pos):
         q = k = tgt + query_pos
@@ -409,7 +509,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], *, opset: int =
     else:
         _export_onnx_torchscript(module, (images, sizes), path, opset, verbose)
     summary = {"path": path, "opset": opset, "exporter": exporter, "grid_sample": grid_sample,
-               "size": size, "batch": batch}
+               "deform_attn": module.deform_attn_form, "size": size, "batch": batch}
     if verify:
         summary.update(verify_onnx(path, module, size=size, batch=batch))
         if summary.get("max_score_diff", 0.0) > 1e-3 or summary.get("label_agreement", 1) < 0.9:

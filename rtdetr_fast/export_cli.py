@@ -31,7 +31,8 @@ def add_export_parser(sub, presets: Sequence[str], default_preset: str):
     s.add_argument("--batch", type=int, default=1,
                    help="example batch for tracing and the check; the file serves every batch")
     s.add_argument("--no-grid-sample", action="store_true",
-                   help="deformable attention as gathers: no GridSample node in the graph")
+                   help="deformable attention as gathers: no GridSample node in the graph "
+                        "(a discrete-sampling RT-DETRv2 model is gathers either way)")
     s.add_argument("--exporter", default="torchscript",
                    help="torchscript (opsets 16-20, seconds) or dynamo (opsets 18-20, minutes)")
     s.add_argument("--no-verify", action="store_true",
@@ -62,7 +63,9 @@ def run_export(args, build_model: Callable) -> int:
     summary = export_onnx(model, args.output, opset=args.opset, size=size, batch=args.batch,
                           grid_sample=not args.no_grid_sample, exporter=args.exporter,
                           verify=not args.no_verify)
-    form = "GridSample" if summary["grid_sample"] else "gathers (no GridSample)"
+    form = summary["deform_attn"]
+    if "GridSample" not in form:
+        form += " (no GridSample)"
     print(f"wrote {summary['path']} ({os.path.getsize(summary['path']) / 2**20:.1f} MiB) in "
           f"{time.perf_counter() - start:.1f} s: opset {summary['opset']}, "
           f"{summary['exporter']} exporter, deformable attention as {form}; dynamic batch and "
