@@ -2,7 +2,9 @@
 in both deformable-attention forms; the graph contract; torch.export; bad requests.
 
 The models are narrowed rtdetr_r18vd (hidden width 64, 30 queries) with trained-looking batch
-norms, so each export takes seconds. Tests that run ONNX Runtime skip when it is not installed
+norms, so each export takes seconds; the RT-DETRv2 tests narrow rtdetrv2_r18vd the same way,
+with the v2 decoder options (per-level point counts, offset scale, discrete sampling,
+class-agnostic query selection). Tests that run ONNX Runtime skip when it is not installed
 (``pip install ".[export]"``; the test extra installs it).
 """
 import io
@@ -182,6 +184,159 @@ def test_torch_export_dynamic_batch_and_size(small):
     # plain aten ops only: no op of this package's extension in the program
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert not [t for t in targets if "rtdetr_fast" in t]
+
+
+# ------------------------------------------------------------------------------ RT-DETRv2
+# narrowed rtdetrv2_r18vd models with the v2 decoder options; traced at TRACE_SIZE, batch
+# TRACE_BATCH and run at other batches and at a size other than the traced one
+V2_MODELS = {
+    "points_363": {"decoder.num_points": (3, 6, 3)},
+    "discrete_agnostic": {"decoder.cross_attn_method": "discrete",
+                          "decoder.query_select_method": "agnostic"},
+}
+V2_RUNS = [(1, (160, 128)), (3, (160, 128)), (1, (128, 192)), (3, (128, 192))]
+
+
+def v2_model(**options):
+    """A narrowed v2 model, trained-looking, with query-dependent sampling offsets and
+    attention weights (a new model's offsets are its biases only)."""
+    torch.manual_seed(0)
+    model = trained_looking(RTDETR.from_name("rtdetrv2_r18vd", **SMALL, **options).eval())
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in model.decoder.decoder.layers:
+            for lin in (layer.cross_attn.sampling_offsets, layer.cross_attn.attention_weights):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def v2_models():
+    return {name: v2_model(**options) for name, options in V2_MODELS.items()}
+
+
+@pytest.fixture(scope="module")
+def v2_onnx_files(v2_models, tmp_path_factory):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path_factory.mktemp("onnx_v2")
+    files = {}
+    for name, model in v2_models.items():
+        path = out / f"{name}.onnx"
+        # the 363 file in the GridSample form; the discrete model's sampling is gathers in
+        # either form, asked for GridSample here to show it
+        summary = export_onnx(model, path, size=TRACE_SIZE, batch=TRACE_BATCH, grid_sample=True)
+        assert summary["max_score_diff"] < 1e-4 and summary["label_agreement"] > 0.9
+        files[name] = (path, summary)
+    return files
+
+
+def test_v2_models_have_the_options(v2_models):
+    attn = v2_models["points_363"].decoder.decoder.layers[0].cross_attn
+    assert attn.num_points_list == [3, 6, 3] and not attn._v1_math
+    dec = v2_models["discrete_agnostic"].decoder
+    assert dec.decoder.layers[0].cross_attn.method == "discrete"
+    assert dec.enc_score_head.out_features == 1  # one class-agnostic score per anchor
+
+
+@pytest.mark.parametrize("name", list(V2_MODELS))
+def test_v2_onnx_file_equals_eager_at_every_batch_and_size(v2_models, v2_onnx_files, name):
+    import onnxruntime as ort
+
+    from rtdetr_fast.export import run_onnx
+
+    model = v2_models[name]
+    sess = ort.InferenceSession(str(v2_onnx_files[name][0]), providers=["CPUExecutionProvider"])
+    for batch, size in V2_RUNS:
+        images, wh = example_inputs(size, batch)
+        assert_same_detections(run_onnx(sess, images, wh), eager_detections(model, images, wh))
+
+
+def test_v2_onnx_forms(v2_onnx_files):
+    import onnx
+
+    for name, (path, summary) in v2_onnx_files.items():
+        ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+        discrete = name == "discrete_agnostic"
+        # discrete sampling is a gather even though the GridSample form was asked for
+        assert ("GridSample" in ops) == (not discrete), name
+        assert "TopK" in ops and "Gather" in ops
+        assert summary["deform_attn"] == ("discrete gathers" if discrete else "GridSample")
+
+
+def test_v2_discrete_sampling_changes_the_detections(v2_models):
+    """The tests above would see a discrete model exported with bilinear sampling: on the same
+    weights the bilinear model's detections differ by more than the tolerance."""
+    model = v2_models["discrete_agnostic"]
+    bilinear = RTDETR.from_name("rtdetrv2_r18vd", **SMALL,
+                                **{"decoder.query_select_method": "agnostic"}).eval()
+    bilinear.load_state_dict(model.state_dict())
+    images, wh = example_inputs((160, 128), 2)
+    ours, ref = eager_detections(bilinear, images, wh), eager_detections(model, images, wh)
+    assert (ours[2] - ref[2]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"decoder.num_points": (3, 6, 3)},
+    {"decoder.num_points": (2, 2, 2), "decoder.offset_scale": 0.3},
+    {"decoder.offset_scale": 0.75},
+    {"decoder.cross_attn_method": "discrete"},
+    {"decoder.cross_attn_method": "discrete", "decoder.num_points": (3, 6, 3)},
+    {"decoder.query_select_method": "agnostic"},
+], ids=["v2", "363", "222_scale0.3", "scale0.75", "discrete", "discrete_363", "agnostic"])
+@pytest.mark.parametrize("grid_sample", [True, False], ids=["gs", "gather"])
+def test_v2_deploy_model_equals_eager(options, grid_sample):
+    """The export module itself (what every exporter traces) for each v2 option, both forms."""
+    model = v2_model(**options)
+    deploy = DeployModel(model, grid_sample=grid_sample)
+    for batch, size in [(2, (128, 160)), (1, (192, 128))]:
+        images, wh = example_inputs(size, batch)
+        with torch.no_grad():
+            ours = deploy(images, wh)
+        assert_same_detections(ours, eager_detections(model, images, wh))
+
+
+def test_v2_discrete_form_equals_the_reference_op():
+    """deform_attn_discrete against ops' reference on non-square levels, per-level counts,
+    cells on the rounding edges, outside [0, 1] and non-finite locations: equal."""
+    from rtdetr_fast.export import deform_attn_discrete
+    from rtdetr_fast.ops.ms_deform_attn import ms_deform_attn_reference
+
+    g = torch.Generator().manual_seed(0)
+    shapes, counts = [(4, 6), (3, 2), (1, 5)], [2, 3, 1]
+    B, Q, H, D = 2, 5, 2, 3
+    S, N = sum(h * w for h, w in shapes), sum(counts)
+    value = torch.randn(B, S, H, D, generator=g)
+    loc = torch.rand(B, Q, H, N, 2, generator=g) * 1.4 - 0.2
+    loc[0, 0, 0, 0] = torch.tensor([0.5 / 6, 1.5 / 4])  # x*W + 0.5 and y*H + 0.5 whole
+    loc[0, 0, 0, 1] = torch.tensor([float("nan"), float("inf")])
+    loc[0, 0, 1, 2] = torch.tensor([-float("inf"), 1.0])
+    loc[1, 1, 0, 5] = torch.tensor([1.0, 0.0])
+    weights = torch.rand(B, Q, H, N, generator=g)
+    starts = [0, 24, 30]
+    padded_loc = torch.stack([torch.nn.functional.pad(t, (0, 0, 0, 3 - t.shape[3]))
+                              for t in loc.split(counts, 3)], 3)
+    padded_w = torch.stack([torch.nn.functional.pad(t, (0, 3 - t.shape[3]))
+                            for t in weights.split(counts, 3)], 3)
+    ref = ms_deform_attn_reference(value, shapes, starts, padded_loc, padded_w,
+                                   method="discrete")
+    ours = deform_attn_discrete(value, shapes, loc, weights, num_points_list=counts)
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
+    assert torch.isfinite(ours).all()
+
+
+@pytest.mark.parametrize("name", list(V2_MODELS))
+def test_v2_torch_export_equals_eager(v2_models, name):
+    model = v2_models[name]
+    program = export_program(model, size=(128, 128), batch=2, grid_sample=False)
+    run = program.module()
+    for batch, size in [(1, (160, 128)), (3, (128, 192))]:
+        images, wh = example_inputs(size, batch)
+        with torch.no_grad():
+            assert_same_detections(run(images, wh), eager_detections(model, images, wh))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not [t for t in targets if "rtdetr_fast" in t or "grid_sampler" in t]
 
 
 @pytest.mark.parametrize("call, match", [
