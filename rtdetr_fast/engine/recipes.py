@@ -186,19 +186,59 @@ class Recipe:
             inner = MultiScaleCollate(sizes=sizes, stop_epoch=self.multi_scale_stop_epoch)
         return EpochCollate(inner, *followers)
 
+    def for_epochs(self, epochs: int) -> "Recipe":
+        """This recipe for a run of ``epochs`` epochs: the stop epochs keep the recipe's
+        distance from the end (its last ``epochs - stop_epoch`` epochs train without strong
+        augmentation / multi-scale), but never before half the run:
+        ``stop = max(epochs - (self.epochs - stop_epoch), ceil(epochs / 2))``. The recipe's own
+        length gives its own stops back; a 12-epoch run of a 120-epoch recipe stopping at 117
+        stops at 9; a 2-epoch run at 1."""
+        epochs = int(epochs)
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+
+        def scale(stop: int) -> int:
+            return max(epochs - max(self.epochs - stop, 0), -(-epochs // 2))
+
+        return dataclasses.replace(self, epochs=epochs, stop_epoch=scale(self.stop_epoch),
+                                   multi_scale_stop_epoch=scale(self.multi_scale_stop_epoch))
+
+    def configure_criterion(self, model) -> None:
+        """Set the model's loss and matcher weights to this recipe's."""
+        from .train import unwrap
+
+        crit = getattr(unwrap(model), "criterion", None)
+        if crit is None:
+            return
+        crit.weights = dict(self.loss_weights)
+        crit.alpha, crit.gamma = self.vfl_alpha, self.vfl_gamma
+        matcher = getattr(crit, "matcher", None)
+        if matcher is not None:
+            for key, value in self.matcher_weights:
+                setattr(matcher, key, value)
+            matcher.alpha, matcher.gamma = self.matcher_alpha, self.matcher_gamma
+
     def make_trainer(self, model, train_loader, cfg=None, **kwargs):
-        """A Trainer with this recipe's optimizer groups (the Trainer builds its default
-        groups; they are replaced before any step, so resuming works on these)."""
-        from .train import LRSchedule, TrainConfig, Trainer
+        """A Trainer with this recipe's optimizer groups, loss and matcher weights
+        (``TrainConfig.recipe`` set to this preset; ``cfg``'s other settings are kept, its base
+        lr, weight decay and betas become the recipe's and the backbone groups keep the
+        recipe's lrs)."""
+        from .train import TrainConfig, Trainer
 
         if cfg is None:
-            cfg = TrainConfig(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
-                              betas=self.betas, warmup_steps=self.warmup_steps,
+            cfg = TrainConfig(epochs=self.epochs, warmup_steps=self.warmup_steps,
                               ema_decay=self.ema_decay, ema_warmups=self.ema_warmups,
                               clip_max_norm=self.clip_max_norm)
+        cfg = dataclasses.replace(cfg, recipe=self.preset, lr=self.lr, backbone_lr=None,
+                                  weight_decay=self.weight_decay, betas=self.betas)
         trainer = Trainer(model, train_loader, cfg, **kwargs)
-        trainer.optimizer = self.build_optimizer(trainer.model)
-        trainer.schedule = LRSchedule(trainer.optimizer, trainer.cfg)
+        if RECIPES.get(self.preset) is None or RECIPES[self.preset].groups != self.groups:
+            # a recipe of its own (not the registered one of its preset): its groups
+            from .train import LRSchedule
+
+            trainer.optimizer = self.build_optimizer(trainer.model)
+            trainer.schedule = LRSchedule(trainer.optimizer, trainer.cfg)
+        self.configure_criterion(trainer.model)
         return trainer
 
 

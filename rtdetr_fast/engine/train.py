@@ -26,7 +26,8 @@ from .seeding import seed_epoch, set_deterministic
 class TrainConfig:
     epochs: int = 72
     lr: float = 1e-4
-    backbone_lr: float = 1e-5
+    # the backbone's lr; with a ``recipe``, None keeps the recipe's backbone groups as they are
+    backbone_lr: Optional[float] = 1e-5
     weight_decay: float = 1e-4
     betas: Tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 2000
@@ -54,8 +55,22 @@ class TrainConfig:
     seed: Optional[int] = None
     # torch.use_deterministic_algorithms(True) and the ops' deterministic backward
     deterministic: bool = False
+    # a preset whose training recipe (engine.recipes.recipe_for) gives the optimizer groups and
+    # the loss and matcher weights; ``lr``/``weight_decay``/``betas`` stay this config's (the
+    # recipe's base settings where the caller passes them). None: the v1 groups above
+    recipe: Optional[str] = None
+    # what the command line gave over the recipe, as (option, value) pairs: recorded in the
+    # checkpoint so that ``--resume`` repeats them (the engine itself does not read them)
+    recipe_overrides: Tuple[Tuple[str, object], ...] = ()
 
     def __post_init__(self):
+        if self.recipe is not None:
+            from .recipes import recipe_for
+
+            recipe_for(self.recipe)  # an unknown name is a ValueError naming the choices
+        elif self.backbone_lr is None:
+            raise ValueError("backbone_lr=None needs a recipe (it keeps the recipe's backbone "
+                             "lrs); give a number for the v1 groups")
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if self.epochs < 1:
@@ -66,7 +81,8 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def scaled_schedule(total_steps: int) -> Dict[str, float]:
+def scaled_schedule(total_steps: int, warmup_steps: int = 2000, ema_warmups: int = 2000,
+                    ema_decay: float = 0.9999) -> Dict[str, float]:
     """Warm-up and EMA settings for a run of ``total_steps`` optimizer steps.
 
     The official recipe (2000 warm-up steps, EMA decay 0.9999 over 2000 warm-up updates) is
@@ -75,11 +91,12 @@ def scaled_schedule(total_steps: int) -> Dict[str, float]:
     EMA averages mostly the initial weights. So: warm-up = 5% of the run (at most 2000), the
     EMA's warm-up = 10% of the run (at most 2000) and its decay such that it averages over
     about the last 10% of the run (1 - 1 / (0.1 * steps), at most 0.9999). A COCO-sized run
-    gets the official values back."""
+    gets the official values back. ``warmup_steps``, ``ema_warmups``, ``ema_decay``: the
+    recipe's values, the caps (the official ones by default)."""
     total_steps = max(int(total_steps), 1)
-    return {"warmup_steps": min(2000, total_steps // 20),
-            "ema_warmups": max(1, min(2000, total_steps // 10)),
-            "ema_decay": min(0.9999, max(0.0, 1.0 - 10.0 / total_steps))}
+    return {"warmup_steps": min(int(warmup_steps), total_steps // 20),
+            "ema_warmups": max(1, min(int(ema_warmups), total_steps // 10)),
+            "ema_decay": min(float(ema_decay), max(0.0, 1.0 - 10.0 / total_steps))}
 
 
 # official parameter groups, by parameter name (the regexes of the released configs)
@@ -89,6 +106,11 @@ _HEAD_NORM_BIAS = re.compile(r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bias)).*$"
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict]:
+    """The optimizer groups: ``cfg.recipe``'s (see :func:`recipe_param_groups`), else the v1
+    groups: backbone at ``backbone_lr`` (its norms without weight decay), encoder/decoder norms
+    and biases without weight decay, the rest at ``lr``."""
+    if cfg.recipe is not None:
+        return recipe_param_groups(model, cfg)
     groups = {"backbone_norm": [], "backbone": [], "no_decay": [], "default": []}
     for name, p in unwrap(model).named_parameters():
         if not p.requires_grad:
@@ -105,6 +127,34 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict]:
                 "backbone": dict(lr=cfg.backbone_lr), "no_decay": dict(weight_decay=0.0),
                 "default": {}}
     return [dict(params=ps, name=n, **settings[n]) for n, ps in groups.items() if ps]
+
+
+def recipe_param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict]:
+    """The groups of ``cfg.recipe``; groups without an lr of their own take ``cfg.lr`` (the
+    optimizer's). ``cfg.backbone_lr`` not None sets every trainable backbone parameter's lr:
+    a group holding backbone and other parameters is split, its backbone part
+    (``backbone_<name>``, or ``backbone`` for the default group) placed just before it."""
+    from .recipes import recipe_for
+
+    groups = recipe_for(cfg.recipe).param_groups(model)
+    if cfg.backbone_lr is None:
+        return groups
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    out = []
+    for g in groups:
+        rest = {k: v for k, v in g.items() if k not in ("params", "name", "lr")}
+        bb = [p for p in g["params"] if "backbone" in names[id(p)]]
+        other = [p for p in g["params"] if "backbone" not in names[id(p)]]
+        if bb and not other:
+            out.append(dict(g, lr=cfg.backbone_lr))
+            continue
+        if bb:
+            name = g["name"]
+            bb_name = name if name.startswith("backbone") else (
+                "backbone" if name == "default" else f"backbone_{name}")
+            out.append(dict(params=bb, name=bb_name, lr=cfg.backbone_lr, **rest))
+        out.append(dict(g, params=other))
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -187,6 +237,10 @@ class Trainer:
         self.model = model.to(self.device)
         self.train_loader = train_loader
         self.evaluate_fn = evaluate_fn
+        if cfg.recipe is not None:
+            from .recipes import recipe_for
+
+            recipe_for(cfg.recipe).configure_criterion(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
         self.schedule = LRSchedule(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
@@ -241,6 +295,16 @@ class Trainer:
             raise ValueError(f"{path!r} is not a training checkpoint of this engine (lacks "
                              f"{sorted(missing)}); to start from its weights, load them with "
                              "RTDETR.from_pretrained instead")
+        saved_cfg = state.get("train_config")
+        if isinstance(saved_cfg, dict):
+            # a checkpoint of an engine without recipes trained with the v1 groups
+            theirs = saved_cfg.get("recipe")
+            if theirs != self.cfg.recipe:
+                def say(r):
+                    return f"recipe {r}" if r else "the v1 groups (no recipe)"
+
+                raise ValueError(f"cannot resume {path!r}: it was trained with {say(theirs)}, "
+                                 f"this run has {say(self.cfg.recipe)}")
         model = unwrap(self.model)
         saved, own = state.get("model_config"), getattr(model, "config", None)
         if isinstance(saved, dict) and own is not None:

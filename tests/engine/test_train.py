@@ -177,6 +177,52 @@ def test_v2_recipe_trainer_and_criterion(tmp_path):
     assert (m.alpha, m.gamma) == (recipe.matcher_alpha, recipe.matcher_gamma)
 
 
+def test_trainer_with_a_recipe_and_a_backbone_lr(tmp_path):
+    """TrainConfig.recipe: the Trainer builds the recipe's groups itself (cfg.lr the base);
+    backbone_lr None keeps the recipe's backbone lrs, a number sets every backbone parameter's."""
+    from rtdetr_fast.engine.recipes import recipe_for
+
+    model = RTDETR.from_name("rtdetrv2_r18vd", num_classes=3, hidden_dim=64,
+                             dim_feedforward=128, num_queries=20, num_denoising=20)
+    trainer = Trainer(model, [], cfg(tmp_path, recipe="rtdetrv2_r34vd", backbone_lr=None))
+    ids = [[id(p) for p in g["params"]] for g in trainer.optimizer.param_groups]
+    theirs = recipe_for("rtdetrv2_r34vd").param_groups(model)
+    assert ids == [[id(p) for p in g["params"]] for g in theirs]
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [5e-5, 5e-5, 1e-4, 1e-4]
+    trainer = Trainer(model, [], cfg(tmp_path, recipe="rtdetrv2_r34vd", lr=2e-4,
+                                     backbone_lr=3e-5))
+    assert [(g["name"], g["lr"]) for g in trainer.optimizer.param_groups] == [
+        ("backbone", 3e-5), ("backbone_norm", 3e-5), ("no_decay", 2e-4), ("default", 2e-4)]
+    assert trainer.state_dict()["train_config"]["recipe"] == "rtdetrv2_r34vd"
+    with pytest.raises(ValueError, match="no training recipe for 'nope'"):
+        cfg(tmp_path, recipe="nope")
+    with pytest.raises(ValueError, match="backbone_lr=None needs a recipe"):
+        cfg(tmp_path, backbone_lr=None)
+    # make_trainer records its recipe in the config (and so in every checkpoint)
+    made = recipe_for("rtdetrv2_r18vd").make_trainer(model, [], cfg(tmp_path))
+    assert made.cfg.recipe == "rtdetrv2_r18vd" and made.cfg.backbone_lr is None
+
+
+def test_resume_refuses_another_recipe(tmp_path):
+    model = RTDETR.from_name("rtdetrv2_r18vd", num_classes=3, hidden_dim=64,
+                             dim_feedforward=128, num_queries=20, num_denoising=20)
+    trainer = Trainer(model, [], cfg(tmp_path, recipe="rtdetrv2_r18vd", backbone_lr=None))
+    trainer.save(str(tmp_path / "last.pth"))
+    other = Trainer(model, [], cfg(tmp_path))
+    with pytest.raises(ValueError, match="trained with recipe rtdetrv2_r18vd, this run has "
+                                         "the v1 groups"):
+        other.resume(str(tmp_path / "last.pth"))
+    same = Trainer(model, [], cfg(tmp_path, recipe="rtdetrv2_r18vd", backbone_lr=None))
+    same.resume(str(tmp_path / "last.pth"))
+    # a checkpoint of an engine without recipes: the v1 groups
+    state = torch.load(tmp_path / "last.pth", weights_only=True)
+    del state["train_config"]["recipe"]
+    torch.save(state, tmp_path / "old.pth")
+    with pytest.raises(ValueError, match="trained with the v1 groups"):
+        Trainer(model, [], cfg(tmp_path, recipe="rtdetrv2_r18vd", backbone_lr=None)).resume(
+            str(tmp_path / "old.pth"))
+
+
 def test_warmup_and_milestones():
     model = nn.Linear(2, 2)
     c = TrainConfig(warmup_steps=4, lr_milestones=(2,), lr=1.0)
