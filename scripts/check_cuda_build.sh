@@ -3,11 +3,12 @@
 # In a throwaway venv: install the newest CUDA build of torch from the registry, build this
 # package exactly as the README says (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST="8.0;9.0", pip install
 # --no-build-isolation), check that the extension reports CUDA and that every op has a CUDA
-# kernel registered, then run the op tests with that build and that torch (the CUDA build of
-# torch runs CPU tests fine), so a torch API change shows up here, not at a user's install.
+# kernel registered, then run the CPU test suite with that build and that torch (the CUDA build
+# of torch runs CPU tests fine), so a torch API change shows up here, not at a user's install.
 # The venv and the copy of the tree are removed afterwards.
 #   env: RTDETR_FAST_CI_TORCH=2.15.0 to pin the torch release (default: newest on the registry)
 #        KEEP=1 keeps the venv; PYTEST_ARGS="tests/ops" replaces the test selection
+#        (default: the whole suite but the slow tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -65,9 +66,10 @@ PY
 "$VPY" -m rtdetr_fast.info | sed -n '1,9p'
 cd "$WORK/src"
 rm -rf rtdetr_fast   # the tests must import the installed build
-# The op tests (native kernels against their references, gradcheck, opcheck, compile) with this
-# build and this torch. PYTEST_ARGS=tests runs the whole CPU suite instead; CI keeps to the ops
-# to stay inside its time limit.
-if [ -n "${PYTEST_ARGS:-}" ]; then read -r -a ARGS <<<"$PYTEST_ARGS"; else ARGS=(tests/ops tests/test_setup_build.py); fi
+# The whole CPU suite with this build and this torch, so a torch API change shows up here, not
+# at a user's install. The tests marked slow (full-size presets compiled or compared end to end)
+# ran against torch 2.13 already and are left out to stay inside CI's time limit.
+# PYTEST_ARGS replaces the selection (e.g. "tests/ops" for the op tests alone).
+if [ -n "${PYTEST_ARGS:-}" ]; then read -r -a ARGS <<<"$PYTEST_ARGS"; else ARGS=(tests -m "not slow"); fi
 "$VPY" -m pytest -q -p no:cacheprovider "${ARGS[@]}"
 echo "check_cuda_build: passed in $((SECONDS - t0)) s (torch $TORCH)"
