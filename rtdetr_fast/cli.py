@@ -9,10 +9,11 @@ does not fit) are one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 EXIT_USAGE = 2
 
@@ -225,26 +226,181 @@ def _checkpoint_size(path: Optional[str]):
     return tuple(size) if size else None
 
 
-def _datasets(args, size):
+def _datasets(args, size, augment="official"):
     from .engine.recipes import coco_datasets
 
-    return coco_datasets(args.data, size, augment=args.augment)
+    return coco_datasets(args.data, size, augment=augment)
 
 
-def cmd_train(args) -> int:
-    import dataclasses
+# the v1 presets' training defaults (the command's own, unchanged); v2 presets use their recipe
+V1_TRAIN_DEFAULTS = dict(epochs=72, lr=1e-4, backbone_lr=1e-5, stop_aug_epochs=2,
+                         multi_scale=False)
+# train flags that override a recipe: argparse dest -> option (their defaults are None)
+RECIPE_FLAGS = {"epochs": "--epochs", "lr": "--lr", "backbone_lr": "--backbone-lr",
+                "warmup_steps": "--warmup-steps", "stop_aug_epochs": "--stop-aug-epochs",
+                "multi_scale": "--multi-scale", "augment": "--augment", "no_ema": "--no-ema"}
 
+
+def uses_recipe(preset: str) -> bool:
+    """Whether ``rtdetr-fast train`` trains ``preset`` with its recipe
+    (:func:`rtdetr_fast.engine.recipes.recipe_for`): the RT-DETRv2 presets. The v1 presets keep
+    the command's defaults (``V1_TRAIN_DEFAULTS``; their optimizer groups equal the v1 recipe's)."""
+    from .engine.recipes import RECIPES
+
+    return preset in RECIPES and not preset.startswith("rtdetr_")
+
+
+def _saved_train_config(path: Optional[str]) -> Optional[dict]:
+    """The ``train_config`` a training checkpoint holds, or None (none, or unreadable: resuming
+    reports that)."""
+    if not path or not os.path.isfile(path):
+        return None
+    import torch
+
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # not a zip archive: no mmap
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    cfg = state.get("train_config") if isinstance(state, dict) else None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def _given(args) -> dict:
+    """The recipe flags given on the command line (dest -> value)."""
+    out = {}
+    for dest in RECIPE_FLAGS:
+        value = getattr(args, dest, None)
+        if value is not None and not (dest == "no_ema" and not value):
+            out[dest] = value
+    return out
+
+
+def _flag_text(dest, value) -> str:
+    option = RECIPE_FLAGS[dest]
+    if dest == "multi_scale":
+        return "--multi-scale" if value else "--no-multi-scale"
+    if dest == "no_ema":
+        return option
+    return f"{option} {value:g}" if isinstance(value, float) else f"{option} {value}"
+
+
+@dataclasses.dataclass
+class TrainPlan:
+    """What ``rtdetr-fast train`` trains with: ``recipe`` is the preset's recipe scaled to the
+    run (``Recipe.for_epochs``, then the flags), None for the v1 defaults."""
+    preset: str
+    recipe: Optional[object]
+    epochs: int
+    lr: float
+    backbone_lr: Optional[float]
+    warmup_steps: Optional[int]
+    stop_epoch: Optional[int]  # 0-based epoch from which strong augmentation stops (None: never)
+    multi_scale: bool
+    multi_scale_stop_epoch: Optional[int]
+    augment: str
+    ema: bool
+    overrides: Tuple[Tuple[str, object], ...]
+    from_checkpoint: bool = False
+
+
+def plan_training(args, preset: str, saved: Optional[dict] = None) -> TrainPlan:
+    """The settings of a run of ``preset``: a v2 preset's recipe, the command's defaults for a v1
+    preset; flags given explicitly win. ``saved``: the resumed checkpoint's ``train_config``,
+    whose recipe (None for runs without one, v1 and runs of older versions) and recorded flags
+    the run continues with; flags given again win over those."""
+    given = _given(args)
+    resumed = saved is not None
+    name = saved.get("recipe") if resumed else (preset if uses_recipe(preset) else None)
+    if name is None:
+        d = dict(V1_TRAIN_DEFAULTS, **given)
+        epochs = d["epochs"]
+        multi = bool(d["multi_scale"])
+        return TrainPlan(preset, None, epochs, d["lr"], d["backbone_lr"], d.get("warmup_steps"),
+                         None, multi, epochs - d["stop_aug_epochs"] if multi else None,
+                         d.get("augment", "official"), not d.get("no_ema", False),
+                         tuple(given.items()), resumed)
+    from .engine.recipes import recipe_for
+
+    recipe = recipe_for(name)
+    overrides = dict(saved.get("recipe_overrides") or ()) if resumed else {}
+    overrides.update(given)
+    if resumed and "epochs" not in given:
+        epochs = int(saved.get("epochs", recipe.epochs))
+    else:
+        epochs = int(overrides.get("epochs", recipe.epochs))
+    multi = overrides.get("multi_scale")
+    if multi is not None and bool(multi) != recipe.multi_scale:
+        recipe = dataclasses.replace(recipe, multi_scale=bool(multi),
+                                     multi_scale_stop_epoch=recipe.stop_epoch)
+    run = recipe.for_epochs(epochs)
+    if "stop_aug_epochs" in overrides:
+        stop = max(0, epochs - int(overrides["stop_aug_epochs"]))
+        run = dataclasses.replace(run, stop_epoch=stop, multi_scale_stop_epoch=stop)
+    return TrainPlan(name, run, epochs, float(overrides.get("lr", recipe.lr)),
+                     overrides.get("backbone_lr"), overrides.get("warmup_steps"), run.stop_epoch,
+                     run.multi_scale, run.multi_scale_stop_epoch if run.multi_scale else None,
+                     overrides.get("augment", "official"), not overrides.get("no_ema", False),
+                     tuple(overrides.items()), resumed)
+
+
+def _epochs_text(what: str, stop: Optional[int], epochs: int) -> str:
+    """'<what> in epochs 1-9 of 12' (epochs counted from 1, as everywhere the user sees them)."""
+    if stop is None or stop >= epochs:
+        return f"{what} every epoch"
+    if stop <= 0:
+        return f"no {what}"
+    return f"{what} in epoch{' 1' if stop == 1 else f's 1-{stop}'} of {epochs}"
+
+
+def recipe_line(plan: TrainPlan, trainer) -> str:
+    """The one line saying which recipe the run uses and what the flags overrode."""
+    cfg = trainer.cfg
+    groups = ", ".join(f"{g.get('name', i)} {base:g}" for i, (g, base) in
+                       enumerate(zip(trainer.optimizer.param_groups, trainer.schedule.base)))
+    aug = {"official": "strong augmentation", "light": "light augmentation",
+           "none": "no augmentation"}[plan.augment]
+    if plan.augment == "none":
+        pipeline = aug
+    else:
+        pipeline = _epochs_text(aug, plan.stop_epoch, plan.epochs)
+    ms = _epochs_text("multi-scale", plan.multi_scale_stop_epoch, plan.epochs) \
+        if plan.multi_scale else "no multi-scale"
+    ema = f"EMA decay {cfg.ema_decay:.4g}" if cfg.ema else "no EMA"
+    if plan.recipe is None:
+        head = f"recipe: none for {plan.preset} (v1 presets train with the command's defaults)"
+    else:
+        r = plan.recipe
+        src = ", from the resumed checkpoint" if plan.from_checkpoint else ""
+        from .engine.recipes import recipe_for
+
+        base = recipe_for(plan.preset)
+        head = f"recipe: {plan.preset} ({base.epochs} epochs{src})"
+        if plan.epochs != base.epochs:
+            head += f", run for {plan.epochs}"
+        loss = " ".join(f"{k[len('loss_'):]} {v:g}" for k, v in r.loss_weights)
+        ms += f"; loss {loss}"
+    flags = ", ".join(_flag_text(k, v) for k, v in plan.overrides) or "nothing"
+    return (f"{head}: {pipeline}; {ms}; AdamW {groups} (weight decay {cfg.weight_decay:g}); "
+            f"{ema}; clip {cfg.clip_max_norm:g}; overridden by flags: {flags}")
+
+
+def prepare_train(args):
+    """Everything ``rtdetr-fast train`` does before training: data, model, plan, loader and the
+    Trainer (resumed when asked). Returns (trainer, plan, info) with info the numbers the
+    command prints."""
     from .engine import distributed as D
-    from .engine.recipes import coco_evaluate_fn, make_loader
-    from .engine.train import TrainConfig, Trainer
+    from .engine.recipes import EpochCollate, StopEpochPolicy, coco_evaluate_fn, make_loader
+    from .engine.train import TrainConfig, Trainer, scaled_schedule
     from .data.transforms import MultiScaleCollate, collate_fn
-
-    from .engine.train import scaled_schedule
 
     _check_overrides(args)
     for flag in ("epochs", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     if args.resume and args.checkpoint:
         raise ValueError("give --resume (continue a run) or --checkpoint (start from weights), "
                          "not both")
@@ -261,10 +417,16 @@ def cmd_train(args) -> int:
     if args.amp != "none" and device.type == "cpu":
         print(f"rtdetr-fast train: warning: --amp {args.amp} on a CPU is usually much slower "
               "than float32 (--amp none)", file=sys.stderr)
+    saved = _saved_train_config(args.resume) if args.resume else None
+    augment = args.augment
+    if augment is None and saved and saved.get("recipe"):
+        # a recipe run's --augment is part of what it resumes with
+        augment = dict(saved.get("recipe_overrides") or ()).get("augment")
+    augment = augment or "official"
     # the input size: --size, else the checkpoint's, else 640
     size = args.size or (_checkpoint_size(args.checkpoint or args.resume) or (DEFAULT_SIZE,) * 2)[0]
     args.size = size
-    train_ds, val_ds = _datasets(args, (size, size))
+    train_ds, val_ds = _datasets(args, (size, size), augment)
     if len(train_ds) == 0:
         raise ValueError(f"the training set of {args.data!r} lists no images")
     names = train_ds.class_names
@@ -276,26 +438,42 @@ def cmd_train(args) -> int:
                              f"{model.num_classes} classes, the data set has "
                              f"{train_ds.num_classes}")
         model.set_categories(_parse_names(args.names) or names, train_ds.label_to_cat_id)
+        if saved is None:
+            saved = {}  # a checkpoint without train_config: the v1 groups, as it was trained
     else:
         model = _build_model(args, num_classes=train_ds.num_classes, class_names=names,
                              category_ids=train_ds.label_to_cat_id)
-    collate = collate_fn
-    if args.multi_scale:
-        sizes = [s for s in range(int(size * 0.75) // 32 * 32, int(size * 1.25) + 1, 32)]
-        collate = MultiScaleCollate(sizes=sizes, stop_epoch=args.epochs - args.stop_aug_epochs)
+    plan = plan_training(args, model.config.name, saved if args.resume else None)
+    if plan.recipe is None:
+        collate = collate_fn
+        if plan.multi_scale:
+            sizes = [s for s in range(int(size * 0.75) // 32 * 32, int(size * 1.25) + 1, 32)]
+            collate = MultiScaleCollate(sizes=sizes, stop_epoch=plan.multi_scale_stop_epoch)
+    else:
+        tf = train_ds.transforms
+        policy = StopEpochPolicy(getattr(tf, "transforms", [tf]), plan.stop_epoch)
+        train_ds.transforms = policy
+        collate = plan.recipe.collate(size, policy) if plan.multi_scale else \
+            EpochCollate(collate_fn, policy)
     loader = make_loader(train_ds, args.batch_size, train=True, workers=args.workers,
                          collate=collate, seed=seed or 0)
     steps_per_epoch = len(loader) if not args.max_steps else min(len(loader), args.max_steps)
-    total = steps_per_epoch * args.epochs
-    sched = scaled_schedule(total)
-    if args.warmup_steps is not None:
-        sched["warmup_steps"] = args.warmup_steps
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, backbone_lr=args.backbone_lr,
+    total = steps_per_epoch * plan.epochs
+    r = plan.recipe
+    sched = scaled_schedule(total) if r is None else scaled_schedule(
+        total, r.warmup_steps, r.ema_warmups, r.ema_decay)
+    if plan.warmup_steps is not None:
+        sched["warmup_steps"] = plan.warmup_steps
+    extra = {} if r is None else dict(
+        recipe=plan.preset, weight_decay=r.weight_decay, betas=r.betas,
+        clip_max_norm=r.clip_max_norm,
+        recipe_overrides=tuple((k, v) for k, v in plan.overrides if k != "epochs"))
+    cfg = TrainConfig(epochs=plan.epochs, lr=plan.lr, backbone_lr=plan.backbone_lr,
                       warmup_steps=sched["warmup_steps"], ema_decay=sched["ema_decay"],
                       ema_warmups=sched["ema_warmups"], amp=args.amp, sync_bn=args.sync_bn,
-                      output_dir=args.output_dir, ema=not args.no_ema,
+                      output_dir=args.output_dir, ema=plan.ema,
                       max_steps_per_epoch=args.max_steps, seed=seed,
-                      deterministic=args.deterministic)
+                      deterministic=args.deterministic, **extra)
     evaluate_fn = coco_evaluate_fn(val_ds, args.batch_size, device, workers=args.workers,
                                    progress=D.is_main_process())
     trainer = Trainer(model, loader, cfg, evaluate_fn=evaluate_fn, device=device)
@@ -307,12 +485,23 @@ def cmd_train(args) -> int:
             raise ValueError(f"nothing to train: {args.resume!r} has already trained "
                              f"{trainer.epoch} epochs; pass --epochs larger than "
                              f"{trainer.epoch} to train more")
+    info = dict(size=size, train_images=len(train_ds), steps_per_epoch=steps_per_epoch)
+    return trainer, plan, info
+
+
+def cmd_train(args) -> int:
+    from .engine import distributed as D
+
+    trainer, plan, info = prepare_train(args)
+    model, cfg = unwrap_model(trainer.model), trainer.cfg
     if D.is_main_process():
+        print(recipe_line(plan, trainer), file=sys.stderr)
         print(f"training {model.config.name} ({model.num_classes} classes: "
               f"{', '.join(model.class_names[:10])}{' ...' if model.num_classes > 10 else ''}) "
-              f"at {size}x{size} on {len(train_ds)} images: {args.epochs} epochs x "
-              f"{steps_per_epoch} steps of {args.batch_size}; warm-up {cfg.warmup_steps} steps, "
-              f"EMA decay {cfg.ema_decay:.4g}", file=sys.stderr)
+              f"at {info['size']}x{info['size']} on {info['train_images']} images: "
+              f"{cfg.epochs} epochs x {info['steps_per_epoch']} steps of {args.batch_size}; "
+              f"warm-up {cfg.warmup_steps} steps, EMA decay {cfg.ema_decay:.4g}",
+              file=sys.stderr)
     records = trainer.fit()
     if D.is_main_process() and records:
         last = records[-1]
@@ -322,6 +511,12 @@ def cmd_train(args) -> int:
               f"(best.pth: the model for eval/predict; last.pth: to --resume)")
     D.cleanup()
     return 0
+
+
+def unwrap_model(model):
+    from .engine.ema import unwrap
+
+    return unwrap(model)
 
 
 def cmd_eval(args) -> int:
@@ -457,10 +652,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True,
                    help="COCO folder: train2017/ val2017/ (or train/ val/) + "
                         "annotations/instances_{train,val}[2017].json")
-    s.add_argument("--epochs", type=int, default=72, help="epochs to train (in all, with --resume)")
+    s.add_argument("--epochs", type=int, default=None,
+                   help="epochs to train, in all with --resume (default: 72); an rtdetrv2 "
+                        "preset's default is its recipe's, a resumed run's its own")
     s.add_argument("--batch-size", type=int, default=4, help="images per step (per GPU)")
-    s.add_argument("--lr", type=float, default=1e-4, help="learning rate of the encoder and decoder")
-    s.add_argument("--backbone-lr", type=float, default=1e-5, help="learning rate of the backbone")
+    s.add_argument("--lr", type=float, default=None,
+                   help="base learning rate: the encoder's and decoder's (default: 1e-4, an "
+                        "rtdetrv2 preset's recipe's)")
+    s.add_argument("--backbone-lr", type=float, default=None,
+                   help="learning rate of the backbone (default: 1e-5; an rtdetrv2 preset's "
+                        "recipe sets it per preset)")
     s.add_argument("--warmup-steps", type=int, default=None,
                    help="linear warm-up steps (default: 5%% of the run's steps, at most 2000)")
     s.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
@@ -470,11 +671,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "line (default: the data set's category names)")
     s.add_argument("--output-dir", default="outputs/train",
                    help="where last.pth, best.pth and log.jsonl go")
-    s.add_argument("--augment", choices=["official", "light", "none"], default="official",
-                   help="train augmentation: the RT-DETR pipeline, photometric + flip, or none")
-    s.add_argument("--multi-scale", action="store_true", help="random input size per batch")
-    s.add_argument("--stop-aug-epochs", type=int, default=2,
-                   help="final epochs without multi-scale")
+    s.add_argument("--augment", choices=["official", "light", "none"], default=None,
+                   help="train augmentation: the RT-DETR pipeline, photometric + flip, or none "
+                        "(default: official)")
+    s.add_argument("--multi-scale", action=argparse.BooleanOptionalAction, default=None,
+                   help="random input size per batch (default: off; an rtdetrv2 preset's "
+                        "recipe's)")
+    s.add_argument("--stop-aug-epochs", type=int, default=None,
+                   help="final epochs without multi-scale (default: 2) and, with a recipe, "
+                        "without strong augmentation (default: the recipe's, scaled to "
+                        "--epochs)")
     s.add_argument("--workers", type=int, default=2, help="data loader processes")
     s.add_argument("--sync-bn", action="store_true", help="synchronised batch norm (torchrun)")
     s.add_argument("--no-ema", action="store_true", help="no weight EMA")
