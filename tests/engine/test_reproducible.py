@@ -86,6 +86,9 @@ def test_one_epoch_then_resume_to_two_equals_two(coco, straight, tmp_path):
 # the CLI in a subprocess that sends itself a real SIGINT at the start of a given global step
 _INTERRUPTING = textwrap.dedent("""
     import os, signal, sys
+    # a shell runs background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN:
+    # the child answers Ctrl-C as a terminal user's process does, whoever started the tests
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from rtdetr_fast.engine import train
     at = int(os.environ["INTERRUPT_AT_STEP"])
     step = train.Trainer.train_step
