@@ -36,6 +36,8 @@ for name, median, mn in rows:
         .replace("-native-", "-reference-")
     if ref == name:  # ONNX Runtime and deployed eager against eval-mode eager
         ref = re.sub(r"-(eager-deploy|ort-gather|ort)\]$", "-eager-eval]", name)
+    if ref == name:  # the whole model deployed or compiled against eval mode
+        ref = re.sub(r"(?<!eager)-(deploy|compiled)\]$", "-eval]", name)
     sp = f"{med[ref] / median:.2f}x" if ref != name and ref in med else ""
     lines.append(f"| `{name}` | {median:.2f} | {mn:.2f} | {sp} |")
 open(dst, "w").write("\n".join(lines) + "\n")

@@ -1,4 +1,6 @@
-"""CPU latency of the whole detector: 640x640, batch 1, eval mode and deploy mode.
+"""CPU latency of the whole detector: 640x640, batch 1: eval mode (what the official model
+computes), deploy mode (everything folded) and compiled (``rtdetr_fast.compile``: deploy, then
+inductor with freezing; compiled in the warm-up round).
 
 Run: python -m pytest benchmarks/model/bench_rtdetr_cpu.py --benchmark-columns=min,median,mean
 """
@@ -13,13 +15,17 @@ def preset(request):
     return request.param
 
 
-@pytest.mark.parametrize("mode", ["eval", "deploy"])
+@pytest.mark.parametrize("mode", ["eval", "deploy", "compiled"])
 def test_rtdetr_cpu_latency(benchmark, preset, mode):
     torch.manual_seed(0)
     model = RTDETR.from_name(preset).eval()
     if mode == "deploy":
         model.deploy()
     x = torch.rand(1, 3, 640, 640)
+    if mode == "compiled":
+        import rtdetr_fast
+
+        model = rtdetr_fast.compile(model)
     benchmark.extra_info.update(preset=preset, mode=mode, shape="1x3x640x640", dtype="float32",
                                 threads=torch.get_num_threads(), torch=torch.__version__)
 
