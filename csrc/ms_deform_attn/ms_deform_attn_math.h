@@ -83,6 +83,20 @@ struct Corners {
   acc_t lx, ly;    // fractional position inside the cell, needed by the gradient
 };
 
+// Every corner unused (row -1, weight 0); returns whether a level of h x w cells starting at
+// row `start` lies inside a value of S rows (inconsistent metadata, not validated on the
+// device, samples nothing instead of reading out of bounds).
+template <typename acc_t>
+RTDETR_HD bool clear_corners(int64_t h, int64_t w, int64_t start, int64_t S, Corners<acc_t>& c) {
+  for (int k = 0; k < 4; ++k) {
+    c.row[k] = -1;
+    c.w[k] = acc_t(0);
+  }
+  c.lx = acc_t(0);
+  c.ly = acc_t(0);
+  return h >= 1 && w >= 1 && start >= 0 && start + h * w <= S;
+}
+
 // Sets up one sample at normalised (x, y) on a level of h x w cells whose rows begin at
 // `start` in a value of S rows. Returns false when nothing of the sample lands on the level.
 // The range test comes before any float->int conversion: locations may be huge, inf or NaN,
@@ -91,13 +105,7 @@ struct Corners {
 template <typename acc_t>
 RTDETR_HD bool bilinear_corners(acc_t x, acc_t y, int64_t h, int64_t w, int64_t start, int64_t S,
                                 Corners<acc_t>& c) {
-  for (int k = 0; k < 4; ++k) {
-    c.row[k] = -1;
-    c.w[k] = acc_t(0);
-  }
-  c.lx = acc_t(0);
-  c.ly = acc_t(0);
-  if (h < 1 || w < 1 || start < 0 || start + h * w > S) return false;
+  if (!clear_corners(h, w, start, S, c)) return false;
   // grid_sample with align_corners=False maps normalised 0 and 1 to the outer cell edges
   const acc_t ix = x * acc_t(w) - acc_t(0.5);
   const acc_t iy = y * acc_t(h) - acc_t(0.5);
@@ -127,13 +135,7 @@ RTDETR_HD bool bilinear_corners(acc_t x, acc_t y, int64_t h, int64_t w, int64_t 
 template <typename acc_t>
 RTDETR_HD bool discrete_corner(acc_t x, acc_t y, int64_t h, int64_t w, int64_t start, int64_t S,
                                Corners<acc_t>& c) {
-  for (int k = 0; k < 4; ++k) {
-    c.row[k] = -1;
-    c.w[k] = acc_t(0);
-  }
-  c.lx = acc_t(0);
-  c.ly = acc_t(0);
-  if (h < 1 || w < 1 || start < 0 || start + h * w > S) return false;
+  if (!clear_corners(h, w, start, S, c)) return false;
   c.row[0] = static_cast<int32_t>(start + nearest_cell(y, h) * w + nearest_cell(x, w));
   c.w[0] = acc_t(1);
   return true;

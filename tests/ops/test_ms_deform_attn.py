@@ -85,6 +85,24 @@ def assert_tied(out, ref64, ref_same, atol, what=""):
                        f"(max err {err.max().item():.3g})"
 
 
+def compiled_equals_eager(layer, inputs):
+    """torch.compile(fullgraph=True) of ``layer`` with the native backend equals eager, output
+    and gradients of every input; returns the compiled run's gradients."""
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with ops.backend("native"):
+        ins = [t.clone().requires_grad_() for t in inputs]
+        got = compiled(*ins)
+        got_grads = torch.autograd.grad(got, ins)
+        ins = [t.clone().requires_grad_() for t in inputs]
+        want = layer(*ins)
+        want_grads = torch.autograd.grad(want, ins)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+    return got_grads
+
+
 # ---------------------------------------------------------------- native CPU, float64 / float32
 
 @needs_native
@@ -245,18 +263,7 @@ def test_torch_compile_fullgraph():
     def layer(v, lc, a):
         return (ops.ms_deform_attn(v, ss, lsi, lc.sigmoid(), a.softmax(-1)) * 2).sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    with ops.backend("native"):
-        ins = [t.clone().requires_grad_() for t in (value, loc, attn)]
-        got = compiled(*ins)
-        got_grads = torch.autograd.grad(got, ins)
-        ins = [t.clone().requires_grad_() for t in (value, loc, attn)]
-        want = layer(*ins)
-        want_grads = torch.autograd.grad(want, ins)
-    torch.testing.assert_close(got, want)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w)
+    compiled_equals_eager(layer, (value, loc, attn))
 
 
 @needs_native

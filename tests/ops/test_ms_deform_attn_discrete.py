@@ -13,7 +13,8 @@ from rtdetr_fast import ops
 from rtdetr_fast.ops import _backend
 from rtdetr_fast.ops.ms_deform_attn import native
 # the Triton tests run in the interpreter child of test_ms_deform_attn.py (one way to run it)
-from test_ms_deform_attn import HAS_CUDA, assert_tied, triton_device  # noqa: F401
+from test_ms_deform_attn import (HAS_CUDA, assert_tied, compiled_equals_eager,  # noqa: F401
+                                 triton_device)
 
 HAS_NATIVE_CPU = _backend.extension_has("ms_deform_attn", "cpu")
 HAS_NATIVE_CUDA = HAS_CUDA and _backend.extension_has("ms_deform_attn", "cuda")
@@ -314,18 +315,7 @@ def test_native_discrete_compile_fullgraph():
                                  num_points_list=[2, 2], method="discrete")
         return (out * 2).sum()
 
-    torch._dynamo.reset()
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    with ops.backend("native"):
-        ins = [t.clone().requires_grad_() for t in (value, loc, attn)]
-        got = compiled(*ins)
-        got_grads = torch.autograd.grad(got, ins)
-        ins = [t.clone().requires_grad_() for t in (value, loc, attn)]
-        want = layer(*ins)
-        want_grads = torch.autograd.grad(want, ins)
-    torch.testing.assert_close(got, want)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w)
+    got_grads = compiled_equals_eager(layer, (value, loc, attn))
     assert not got_grads[1].any()
 
 
