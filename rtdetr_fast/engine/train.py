@@ -380,9 +380,10 @@ class Trainer:
         loss = out["loss"]
         if not torch.isfinite(loss):
             last = os.path.join(self.cfg.output_dir, "last.pth")
-            terms = {k: float(v) for k, v in out["loss_dict"].items() if not torch.isfinite(v)}
+            terms = {k: float(v.detach()) for k, v in out["loss_dict"].items()
+                     if not torch.isfinite(v)}
             raise TrainingDiverged(
-                f"loss is {float(loss)} in epoch {self.epoch + 1} at step {self.step + 1} "
+                f"loss is {float(loss.detach())} in epoch {self.epoch + 1} at step {self.step + 1} "
                 f"(non-finite terms: {terms}); training stopped. The last good checkpoint is "
                 f"untouched{' at ' + last if os.path.exists(last) else ''}; lower the learning "
                 "rate or check the data")
