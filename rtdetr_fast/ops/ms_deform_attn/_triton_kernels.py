@@ -18,14 +18,23 @@ ACC_FLOAT64 = tl.float64
 
 
 @triton.jit
-def _corners(loc, attn, shapes, starts, r, rmask, S, l: tl.constexpr, j, NP: tl.constexpr,
-             ACC: tl.constexpr):
+def _point(loc, attn, shapes, starts, r, rmask, l: tl.constexpr, j, NP: tl.constexpr,
+           ACC: tl.constexpr):
+    """Point j of level l in rows r: the level's height, width and first row, the normalised
+    location (x, y) and the attention weight."""
     lh = tl.load(shapes + 2 * l)
     lw = tl.load(shapes + 2 * l + 1)
     ls = tl.load(starts + l)
     x = tl.load(loc + (r * NP + j) * 2, mask=rmask, other=0.0).to(ACC)
     y = tl.load(loc + (r * NP + j) * 2 + 1, mask=rmask, other=0.0).to(ACC)
     a = tl.load(attn + r * NP + j, mask=rmask, other=0.0).to(ACC)
+    return lh, lw, ls, x, y, a
+
+
+@triton.jit
+def _corners(loc, attn, shapes, starts, r, rmask, S, l: tl.constexpr, j, NP: tl.constexpr,
+             ACC: tl.constexpr):
+    lh, lw, ls, x, y, a = _point(loc, attn, shapes, starts, r, rmask, l, j, NP, ACC)
     lwf = lw.to(ACC)
     lhf = lh.to(ACC)
     # a level reaching past S (metadata not validated on the device) samples nothing
@@ -65,12 +74,7 @@ def _cell(loc, attn, shapes, starts, r, rmask, S, l: tl.constexpr, j, NP: tl.con
           ACC: tl.constexpr):
     """Discrete sampling of point j: weight, row of value, and whether it is read (only a
     level reaching past S, metadata not validated on the device, reads nothing)."""
-    lh = tl.load(shapes + 2 * l)
-    lw = tl.load(shapes + 2 * l + 1)
-    ls = tl.load(starts + l)
-    x = tl.load(loc + (r * NP + j) * 2, mask=rmask, other=0.0).to(ACC)
-    y = tl.load(loc + (r * NP + j) * 2 + 1, mask=rmask, other=0.0).to(ACC)
-    a = tl.load(attn + r * NP + j, mask=rmask, other=0.0).to(ACC)
+    lh, lw, ls, x, y, a = _point(loc, attn, shapes, starts, r, rmask, l, j, NP, ACC)
     row = ls + _nearest(y, lh, ACC) * lw + _nearest(x, lw, ACC)
     # through where: the interpreter cannot combine a scalar and a block mask with &
     row = tl.where(ls + lh * lw <= S, row, -1)
