@@ -88,6 +88,8 @@ def test_ms_deform_attn(benchmark, device, B, Q, dtype, backend, mode):
         # accumulation) and the location and weight gradients
         moved += elem * (B * Q * H * D + B * S * H * D) + 4 * B * S * H * D + \
             elem * B * Q * H * L * P * 3
+    if benchmark.stats is None:  # --benchmark-disable: a smoke run, no timing
+        return
     mean = benchmark.stats.stats.mean
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -123,6 +125,8 @@ def test_ms_deform_attn_method_forward(benchmark, device, B, Q, dtype, backend, 
                            warmup_rounds=1)
     elem = torch.finfo(dtype).bits // 8
     moved = _bytes_forward(B, Q, elem)
+    if benchmark.stats is None:  # --benchmark-disable: a smoke run, no timing
+        return
     mean = benchmark.stats.stats.mean
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if device == "cuda" else "cpu",

@@ -94,6 +94,8 @@ def test_rep_conv_gpu(benchmark, matrix_ceiling_tflops, impl, C, HW, B):
 
     timed()  # autotuning and first-call compilation stay out of the timing
     benchmark.pedantic(timed, rounds=10, warmup_rounds=2, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: a smoke run, no timing
+        return
     ms = benchmark.stats.stats.median / REPS * 1e3
     tflops = _flops(B, C, C, HW, HW) / (ms * 1e-3) / 1e12
     benchmark.extra_info.update(
@@ -123,6 +125,8 @@ def test_rep_conv_cpu_reference(benchmark):
             return fn()
 
     out = benchmark.pedantic(run, rounds=5, warmup_rounds=1, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: a smoke run, no timing
+        return
     ms = benchmark.stats.stats.median * 1e3
     benchmark.extra_info.update(impl="reference", shape=f"B={B} C_in=C_out={C} {HW}x{HW}",
                                 dtype="float32", device="cpu", ms_per_call=round(ms, 3),
