@@ -42,6 +42,12 @@ class FastDetector:
                 options = {"freezing": True}
         self.mode = mode
         self.cuda_graphs = cuda and mode in ("reduce-overhead", "max-autotune")
+        if not cuda:
+            # the Winograd kernels' transformed weights, made now: the graph reads them as
+            # inputs instead of recomputing them on every call
+            from .ops.rep_conv import winograd
+
+            winograd.prepare(model)
         self._compiled = torch.compile(model, fullgraph=True, dynamic=False, mode=mode,
                                        options=options)
 

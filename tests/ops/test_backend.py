@@ -34,13 +34,18 @@ def test_unknown_backend_name():
             pass
 
 
-def test_forced_backend_without_implementation_raises():
-    x = torch.randn(1, 2, 4, 4)
-    w = torch.randn(2, 2, 3, 3)
-    if "native" in ops.available_backends("cpu", "rep_conv"):
-        pytest.skip("rep_conv has a native CPU kernel here")
-    with ops.backend("native"), pytest.raises(RuntimeError, match="native"):
-        ops.rep_conv(x, w, None)
+def test_forced_backend_without_implementation_raises(monkeypatch):
+    # every op has a native CPU kernel in a built checkout: an op of this test's own, with a
+    # reference only and a native kernel that cannot run on the CPU, stands in
+    monkeypatch.setitem(_backend._REGISTRY, "test_only_op", {
+        "reference": (lambda: "ref", lambda device_type: True)})
+    with ops.backend("native"), pytest.raises(RuntimeError, match="no implementation"):
+        _backend.select("test_only_op", "cpu")
+    monkeypatch.setitem(_backend._REGISTRY["test_only_op"], "native",
+                        (lambda: "native", lambda device_type: device_type == "cuda"))
+    with ops.backend("native"), pytest.raises(RuntimeError, match="cannot run"):
+        _backend.select("test_only_op", "cpu")
+    assert _backend.select("test_only_op", "cpu")() == "ref"
 
 
 def test_import_without_extension_or_triton():

@@ -1,17 +1,20 @@
-"""Binding of the extension's folded RepConv, ``rtdetr_fast::rep_conv`` (csrc/rep_conv/).
+"""Binding of the extension's folded RepConv kernels (csrc/rep_conv/, csrc/winograd/).
 
   rtdetr_fast::rep_conv(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor
+  rtdetr_fast::winograd_conv3x3(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor
 
-x and weight channels_last, float16/bfloat16, C_in % 8 == 0; the result is channels_last. Only a
-CUDA kernel exists (mma.sync tensor cores, bias + activation in the epilogue); the CPU runs the
-reference. The fake (meta) implementation is registered once, when rtdetr_fast._C loads (the
-schema exists only then, see _backend.on_extension_load); nothing imports the extension at module
-import.
+CUDA: ``rep_conv``, x and weight channels_last, float16/bfloat16, C_in % 8 == 0; the result is
+channels_last (mma.sync tensor cores, bias + activation in the epilogue). CPU:
+``winograd_conv3x3``, Winograd F(4x4, 3x3) for float32/float64 NCHW inference with C_in and
+C_out of at least ``winograd.MIN_CHANNELS`` (see winograd.py). The fake (meta) implementations
+are registered once, when rtdetr_fast._C loads (the schemas exist only then, see
+_backend.on_extension_load); nothing imports the extension at module import.
 
-Documented fallbacks to the reference (same result, never a silent wrong one): float32 (torch's
-cuDNN convolution, TF32 under torch's default ``allow_tf32``) and float64, C_in not a multiple of
-8 (the kernel copies 16-byte rows of channels), inputs that need a gradient (deploy-time forward
-only), and B*H*W past 2^31. Mismatched dtypes or devices raise.
+Documented fallbacks to the reference (same result, never a silent wrong one): on CUDA, float32
+(torch's cuDNN convolution, TF32 under torch's default ``allow_tf32``) and float64, C_in not a
+multiple of 8 (the kernel copies 16-byte rows of channels), inputs that need a gradient
+(deploy-time forward only), and B*H*W past 2^31; on the CPU, inputs that need a gradient, other
+dtypes, and narrow layers. Mismatched dtypes or devices raise.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 
 from .. import _backend
 from .reference import ACTIVATIONS, rep_conv_reference
+from . import winograd as _winograd
 from .triton import check_same, empty_output
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -43,6 +47,8 @@ _backend.on_extension_load(_register_python_side)
 
 
 def supports(device_type: str) -> bool:
+    if device_type == "cpu":
+        return _winograd.available()
     return _backend.extension_has("rep_conv", device_type)
 
 
@@ -63,6 +69,10 @@ def rep_conv_native(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     check_same(x, weight, bias)
+    if x.device.type == "cpu":
+        if _winograd.covers(x, weight, bias):
+            return _winograd.rep_conv_winograd(x, weight, bias, activation)
+        return rep_conv_reference(x, weight, bias, activation)
     if not kernel_covers(x, weight, bias):
         return rep_conv_reference(x, weight, bias, activation)
     # no-ops for a channels_last model (RepVggBlock.fold stores its weight channels_last)

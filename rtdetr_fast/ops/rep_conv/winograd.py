@@ -1,0 +1,110 @@
+"""The CPU kernel of folded RepConv: ``rtdetr_fast::winograd_conv3x3`` (csrc/winograd/).
+
+  rtdetr_fast::winograd_conv3x3(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor
+
+act(conv3x3(x, w, stride 1, padding 1) + bias) as Winograd F(4x4, 3x3): 36 multiplies per 4x4
+output tile instead of 144, as 36 GEMMs over the channels (at::bmm) between an input and an
+output transform written in C++. ``weight`` is the transformed kernel ``U = G w G^T``
+([36, C_out, C_in], :func:`winograd_weight`), made in float64 once per weight and kept.
+
+Numerics: exact in exact arithmetic; in float32 the transforms' rounding gives differences of
+about 1e-5 of the output's scale against a direct convolution (the tests bound it), in float64
+about 1e-13. It runs for inference only (no gradient), float32 and float64, NCHW; calls it does
+not cover, and channel counts below :data:`MIN_CHANNELS` (where the GEMMs are too thin to beat
+oneDNN's direct convolution), run the reference.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import _backend
+
+# Lavin & Gray's F(4x4, 3x3) kernel transform, interpolation points 0, +-1, +-2, infinity
+_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+      (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+
+MIN_CHANNELS = 128  # C_in and C_out below this run the direct convolution
+_DTYPES = (torch.float32, torch.float64)
+_registered = False
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """U = G w G^T of a [C_out, C_in, 3, 3] kernel: [36, C_out, C_in] (row-major 6x6 index),
+    computed in float64 and rounded once to ``weight``'s dtype."""
+    G = torch.tensor(_G, dtype=torch.float64, device=weight.device)
+    U = torch.einsum("ij,kcjl,ml->imkc", G, weight.detach().double(), G)
+    return U.reshape(36, weight.shape[0], weight.shape[1]).to(weight.dtype).contiguous()
+
+
+def _fake(x, weight, bias, activation):
+    return x.new_empty((x.shape[0], weight.shape[1], x.shape[2], x.shape[3]))
+
+
+def _register_python_side() -> None:
+    global _registered
+    if _registered:
+        return
+    torch.library.register_fake("rtdetr_fast::winograd_conv3x3")(_fake)
+    _registered = True
+
+
+_backend.on_extension_load(_register_python_side)
+
+
+def available() -> bool:
+    return _backend.extension_has("winograd_conv3x3", "cpu")
+
+
+def covers(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether the Winograd kernel runs this call (else the reference does)."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPES:
+        return False
+    if x.shape[1] < MIN_CHANNELS or weight.shape[0] < MIN_CHANNELS:
+        return False
+    return not (torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
+
+
+def _transformed(weight: torch.Tensor) -> torch.Tensor:
+    """The weight's transform, kept on the weight tensor itself and remade when the weight is
+    written to (its version counter moves) or is another tensor's copy."""
+    if torch.compiler.is_compiling():
+        hit = getattr(weight, "_rtdetr_fast_winograd", None)
+        if hit is not None:
+            return hit[1]
+        return winograd_weight(weight)
+    # an inference tensor (a model deployed under inference_mode) has no version counter
+    version = None if weight.is_inference() else weight._version
+    key = (version, weight.data_ptr(), weight.dtype, tuple(weight.shape))
+    hit = getattr(weight, "_rtdetr_fast_winograd", None)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    U = winograd_weight(weight)
+    weight._rtdetr_fast_winograd = (key, U)
+    return U
+
+
+def prepare(module: torch.nn.Module) -> int:
+    """Make and keep the transformed weight of every 3x3 stride-1 conv under ``module`` wide
+    enough for the kernel, so that a compiled graph reads it instead of recomputing it
+    (``rtdetr_fast.compile`` calls this). Returns how many were made."""
+    n = 0
+    for m in module.modules():
+        if (isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1)
+                and m.padding == (1, 1) and m.dilation == (1, 1) and m.groups == 1
+                and min(m.in_channels, m.out_channels) >= MIN_CHANNELS
+                and m.weight.device.type == "cpu" and m.weight.dtype in _DTYPES):
+            with torch.no_grad():
+                _transformed(m.weight)
+            n += 1
+    return n
+
+
+def rep_conv_winograd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      activation: str) -> torch.Tensor:
+    """The kernel on a call :func:`covers` accepts (shapes validated by ops.rep_conv)."""
+    return torch.ops.rtdetr_fast.winograd_conv3x3(
+        x.contiguous(), _transformed(weight), None if bias is None else bias.contiguous(),
+        activation)

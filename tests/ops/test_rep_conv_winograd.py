@@ -1,0 +1,165 @@
+"""The CPU kernel of folded RepConv: rtdetr_fast::winograd_conv3x3 (Winograd F(4x4, 3x3)).
+
+Against the direct convolution in float64 (exact up to rounding: the transform is exact in exact
+arithmetic), float32 within the bound the module documents, odd sizes (H, W not multiples of
+the 4x4 tile, 1x1 maps, batch 0 and 2), every activation, the baseline (non-AVX2) build in a
+child process, bad input, the routing of ops.rep_conv on the CPU, the weight cache, opcheck and
+torch.compile.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rtdetr_fast import ops
+from rtdetr_fast.ops import _backend
+from rtdetr_fast.ops.rep_conv import winograd as wg
+
+HAS_KERNEL = _backend.extension() is not None and wg.available()
+pytestmark = pytest.mark.skipif(not HAS_KERNEL, reason="rtdetr_fast._C not built")
+
+ACT = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
+# (N, C_in, H, W, C_out)
+SHAPES = [(1, 8, 8, 8, 8), (2, 5, 13, 17, 7), (1, 3, 1, 1, 4), (1, 6, 5, 3, 9), (0, 4, 6, 6, 4),
+          (1, 16, 4, 21, 16)]
+
+
+def _inputs(N, C, H, W, K, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed + 100 * C + K)
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
+    w = torch.randn(K, C, 3, 3, generator=g, dtype=torch.float64) / (3 * C ** 0.5)
+    b = torch.randn(K, generator=g, dtype=torch.float64) if bias else None
+    return x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+
+
+def _direct64(x, w, b, act):
+    return ACT[act](F.conv2d(x.double(), w.double(), None if b is None else b.double(),
+                             padding=1))
+
+
+def _kernel(x, w, b, act):
+    return torch.ops.rtdetr_fast.winograd_conv3x3(x, wg.winograd_weight(w), b, act)
+
+
+@pytest.mark.parametrize("act", sorted(ACT))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_float64_equals_direct_convolution(shape, act):
+    x, w, b = _inputs(*shape, torch.float64)
+    out = _kernel(x, w, b, act)
+    ref = _direct64(x, w, b, act)
+    assert out.shape == ref.shape and out.dtype == torch.float64
+    if out.numel():
+        assert (out - ref).abs().max().item() <= 1e-12 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_float32_within_documented_bound(shape, bias):
+    x, w, b = _inputs(*shape, torch.float32, bias=bias)
+    out = _kernel(x, w, b, "identity")
+    ref = _direct64(x, w, b, "identity")
+    assert out.dtype == torch.float32
+    if out.numel():
+        # the transforms' rounding: about 1e-5 of the output's scale (module docstring)
+        scale = ref.abs().max().item()
+        assert (out.double() - ref).abs().max().item() <= 2e-5 * max(scale, 1.0)
+
+
+def test_model_sized_layer_float32():
+    """A layer of the size the deployed detector runs (128 channels, 40x40)."""
+    x, w, b = _inputs(1, 128, 40, 40, 128, torch.float32)
+    out = _kernel(x, w, b, "silu")
+    ref = _direct64(x, w, b, "silu")
+    assert (out.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+
+
+@pytest.mark.skipif(os.environ.get("RTDETR_FAST_NO_AVX2") == "1", reason="this is the child")
+def test_baseline_build_in_child():
+    """The transforms exist twice (baseline x86-64 and AVX2+FMA, chosen at run time): the
+    kernel tests run again in a child process forced onto the baseline build."""
+    env = dict(os.environ, RTDETR_FAST_NO_AVX2="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
+         "-k", "float64 or float32"], env=env, capture_output=True, text=True, timeout=600)
+    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout.strip().splitlines()[-1], tail
+
+
+def test_winograd_weight_shape_and_exactness():
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    U = wg.winograd_weight(w)
+    assert U.shape == (36, 5, 3) and U.is_contiguous()
+    # the corner entry of G w G^T is w[0, 0] / 16
+    torch.testing.assert_close(U[0], w[:, :, 0, 0] / 16)
+    assert wg.winograd_weight(w.float()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda x, U, b: (x[0], U, b, "relu"), r"\[N, C_in, H, W\]"),
+    (lambda x, U, b: (x, U[:35], b, "relu"), "Winograd"),
+    (lambda x, U, b: (x, U[:, :, :3], b, "relu"), "C_in=4"),
+    (lambda x, U, b: (x.half(), U.half(), b.half(), "relu"), "float32 or float64"),
+    (lambda x, U, b: (x, U.double(), b, "relu"), "dtype"),
+    (lambda x, U, b: (x.transpose(2, 3), U, b, "relu"), "contiguous"),
+    (lambda x, U, b: (x, U, b[:2], "relu"), r"bias must be \[C_out\]"),
+    (lambda x, U, b: (x, U, b, "gelu"), "activation must be one of"),
+])
+def test_bad_input_raises_one_line(bad, match):
+    x, w, b = _inputs(1, 4, 5, 6, 3, torch.float32)
+    args = bad(x, wg.winograd_weight(w), b)
+    with pytest.raises(RuntimeError, match=match) as info:
+        torch.ops.rtdetr_fast.winograd_conv3x3(*args)
+    assert "\n" not in str(info.value).split("\nException raised from")[0].strip()
+
+
+def test_ops_rep_conv_routes_wide_layers_to_winograd():
+    """ops.rep_conv on the CPU: the kernel for layers of MIN_CHANNELS and more without a
+    gradient; the reference (bit for bit torch's conv) below that and under autograd."""
+    C = wg.MIN_CHANNELS
+    x, w, b = _inputs(1, C, 9, 7, C, torch.float32)
+    with torch.no_grad():
+        out = ops.rep_conv(x, w, b, "relu")
+        assert torch.equal(out, _kernel(x, w, b, "relu"))
+        narrow = ops.rep_conv(x[:, :8], w[:8, :8], b[:8], "relu")
+        assert torch.equal(narrow, F.relu(F.conv2d(x[:, :8], w[:8, :8], b[:8], padding=1)))
+    xg = x.clone().requires_grad_()
+    out = ops.rep_conv(xg, w, b, "identity")
+    assert torch.equal(out, F.conv2d(x, w, b, padding=1))
+    out.sum().backward()
+    assert xg.grad is not None
+
+
+def test_cached_transform_follows_the_weight():
+    C = wg.MIN_CHANNELS
+    x, w, b = _inputs(1, C, 6, 6, C, torch.float64)
+    with torch.no_grad():
+        first = ops.rep_conv(x, w, b, "identity")
+        w.mul_(-2.0)  # in place: the version counter moves, the cached transform is remade
+        second = ops.rep_conv(x, w, b, "identity")
+    torch.testing.assert_close(second, _direct64(x, w, b, "identity"), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(first, second)
+
+
+def test_opcheck():
+    x, w, b = _inputs(2, 5, 7, 6, 4, torch.float64)
+    torch.library.opcheck(torch.ops.rtdetr_fast.winograd_conv3x3.default,
+                          (x, wg.winograd_weight(w), b, "silu"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiled_fullgraph_equals_eager():
+    C = wg.MIN_CHANNELS
+    x, w, b = _inputs(1, C, 10, 12, C, torch.float32)
+
+    def f(x):
+        return ops.rep_conv(x, w, b, "silu")
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = f(x)
+        compiled = torch.compile(f, fullgraph=True, dynamic=False)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
