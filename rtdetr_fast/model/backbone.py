@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import BackboneConfig
-from .common import ConvNormLayer, freeze_batch_norm, get_activation, max_pool_3x3_s2
+from .common import ConvNormLayer, freeze_batch_norm, get_activation
 
 BLOCK_COUNTS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3],
                 152: [3, 8, 36, 3]}
@@ -107,8 +107,8 @@ class PResNet(nn.Module):
         self.out_channels = [self.out_channels[i] for i in self.return_idx]
         self.out_strides = [self.out_strides[i] for i in self.return_idx]
 
-        # set by RTDETR.deploy(): the stem's max pool as two 1-D passes (the same values)
-        self.separable_pool = False
+        # set by RTDETR.deploy(): the CPU stem runs channels_last (see forward)
+        self.fast_stem = False
         if cfg.freeze_at >= 0:
             self._freeze_parameters(self.conv1)
             for i in range(min(cfg.freeze_at, cfg.num_stages)):
@@ -122,12 +122,14 @@ class PResNet(nn.Module):
             p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
-        x = self.conv1(x)
-        if (self.separable_pool and x.device.type == "cpu" and not torch.jit.is_tracing()
-                and not x.is_contiguous(memory_format=torch.channels_last)):
-            x = max_pool_3x3_s2(x)
+        if (self.fast_stem and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.jit.is_tracing()):
+            # deploy() on the CPU: the stem runs channels_last, the layout oneDNN's convs prefer
+            # and in which the max pool vectorises over channels, and hands on NCHW
+            x = self.conv1(x.contiguous(memory_format=torch.channels_last))
+            x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1).contiguous()
         else:
-            x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+            x = F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
         outs = []
         for idx, stage in enumerate(self.res_layers):
             x = stage(x)

@@ -258,8 +258,8 @@ class RTDETR(nn.Module):
         folded 3x3 stride-1 convs of 128+ channels run the Winograd F(4x4, 3x3) RepConv
         kernel (``ops.rep_conv``; in float32 about 1e-6 relative difference on the encoder's
         features, from the transforms' rounding), other convs followed by ReLU/SiLU run
-        oneDNN's convolution with the activation fused, the stem's max pool runs as two 1-D
-        passes, and the encoder's box head runs on the top-K selected rows only.
+        oneDNN's convolution with the activation fused, the stem runs channels_last, and the
+        encoder's box head runs on the top-K selected rows only.
 
         ``memory_format``: ``"auto"`` (channels_last on CUDA, where cuDNN's convolutions prefer
         it; contiguous on the CPU, where it measured no faster here: see the README),
@@ -275,8 +275,8 @@ class RTDETR(nn.Module):
             if isinstance(m, RepVggBlock):
                 m.fold()
         fold_batch_norms(self)
-        if hasattr(self.backbone, "separable_pool"):
-            self.backbone.separable_pool = True
+        if hasattr(self.backbone, "fast_stem"):
+            self.backbone.fast_stem = True
         self.decoder.select_before_box_head = True
         if memory_format == "auto":
             device = next(self.parameters()).device
