@@ -134,9 +134,10 @@ _MKLDNN = torch.backends.mkldnn.is_available()
 
 def _onednn_fusable(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Whether a CPU inference call can run as oneDNN's convolution with a fused activation:
-    eager only (a compiled graph fuses on its own), float32, nothing needing a gradient."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False  # compiled graphs fuse on their own; exporters need the plain conv
+    float32, nothing needing a gradient, not while exporting. (A compiled graph keeps the fused
+    call: inductor here leaves convolutions unfused.)"""
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return False  # exported graphs hold the plain conv
     return (_MKLDNN and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
             and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
             and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)))
