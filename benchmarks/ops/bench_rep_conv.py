@@ -7,7 +7,8 @@ fused epilogue replaces), ``training_form`` (the un-folded RepVggBlock in eval m
 training form. Each case records ms per call, TFLOP/s (2*B*H*W*C_out*9*C_in flops) and that as a
 fraction of the measured float16 matrix ceiling (a large torch.matmul on the same GPU).
 
-GPU cases skip without CUDA; one small CPU reference case always runs.
+GPU cases skip without CUDA. The CPU cases put the reference (torch's convolution + SiLU) beside
+the native CPU kernel (Winograd F(4x4, 3x3)) at the detector's layer sizes, float32 NCHW.
 
 Run: python -m pytest benchmarks/ops/bench_rep_conv.py --benchmark-columns=min,median
 """
@@ -115,21 +116,36 @@ def _triton_version():
         return None
 
 
-def test_rep_conv_cpu_reference(benchmark):
-    """A small CPU case of the reference (float32), so the benchmark file runs everywhere."""
-    B, C, HW = 1, 64, 20
-    fn = _case("reference", B, C, HW, "cpu", torch.float32)
+CPU_SHAPES = [(64, 160), (128, 80), (256, 40), (512, 20)]  # r18/r50 backbone and CCFF layers
+
+
+@pytest.mark.parametrize("impl", ["reference", "native"])
+@pytest.mark.parametrize("C,HW", CPU_SHAPES, ids=[f"C{c}-{hw}x{hw}" for c, hw in CPU_SHAPES])
+def test_rep_conv_cpu(benchmark, impl, C, HW):
+    """CPU, float32 NCHW, batch 1: the reference (torch's oneDNN convolution, then SiLU) against
+    the native CPU kernel (Winograd F(4x4, 3x3); layers narrower than its MIN_CHANNELS run the
+    reference there too, which the extra info records)."""
+    from rtdetr_fast.ops.rep_conv import winograd
+
+    if impl not in ops.available_backends("cpu", "rep_conv"):
+        pytest.skip(f"backend {impl} is not available")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, C, HW, HW, generator=g)
+    w = torch.randn(C, C, 3, 3, generator=g) / (3 * C ** 0.5)
+    b = torch.randn(C, generator=g)
 
     def run():
-        with torch.inference_mode(), ops.backend("reference"):
-            return fn()
+        with torch.inference_mode(), ops.backend(impl):
+            return ops.rep_conv(x, w, b, "silu")
 
-    out = benchmark.pedantic(run, rounds=5, warmup_rounds=1, iterations=1)
-    assert out.shape == (B, C, HW, HW)
+    out = benchmark.pedantic(run, rounds=10, warmup_rounds=2, iterations=1)
+    assert out.shape == (1, C, HW, HW)
     if benchmark.stats is None:  # --benchmark-disable: a smoke run, no timing
         return
     ms = benchmark.stats.stats.median * 1e3
-    benchmark.extra_info.update(impl="reference", shape=f"B={B} C_in=C_out={C} {HW}x{HW}",
-                                dtype="float32", device="cpu", ms_per_call=round(ms, 3),
-                                gflops=round(_flops(B, C, C, HW, HW) / (ms * 1e-3) / 1e9, 2),
-                                threads=torch.get_num_threads(), torch=torch.__version__)
+    benchmark.extra_info.update(
+        impl=impl, kernel="winograd" if impl == "native" and C >= winograd.MIN_CHANNELS
+        else "torch conv", shape=f"B=1 C_in=C_out={C} {HW}x{HW}", dtype="float32",
+        device="cpu", ms_per_call=round(ms, 3),
+        direct_gflops=round(_flops(1, C, C, HW, HW) / (ms * 1e-3) / 1e9, 1),
+        threads=torch.get_num_threads(), torch=torch.__version__)
