@@ -4,8 +4,10 @@ It deploys the model (RepConv and every batch norm folded, the device's memory f
 compiles the whole forward as one graph (``torch.compile(fullgraph=True)``; the forward reads
 no tensor data on the host, so there is no graph break):
 
-- CPU: inductor with freezing (weights become constants, convs are prepacked), float32 unless
-  ``dtype`` asks for bfloat16 autocast;
+- CPU: inductor with freezing (weights become constants), float32 unless ``dtype`` asks for
+  bfloat16 autocast; the deployed model's CPU routes (the Winograd RepConv kernel, whose
+  transformed weights are made before compiling; oneDNN convs with fused activations) stay in
+  the graph as calls;
 - CUDA: float16 autocast (``dtype=torch.bfloat16`` also works) and inductor's
   ``reduce-overhead`` mode, which replays the whole forward as CUDA graphs.
 
