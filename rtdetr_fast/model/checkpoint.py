@@ -245,7 +245,17 @@ def load_pretrained(cls, path, num_classes: Optional[int] = None, name: Optional
             raise CheckpointError(f"{path!r} holds a {inferred_name} checkpoint, not {name}")
         config = get_config(inferred_name, ckpt_classes, **{**ckpt_overrides, **overrides})
     model = cls(config)
-    if any(DEPLOYED_KEY.search(k) for k in sd):
+    deployed = any(DEPLOYED_KEY.search(k) for k in sd)
+    # deployed by an earlier version, which folded only the RepConv blocks and kept every
+    # batch norm: loaded into that form, then deployed as today
+    norms_kept = deployed and any(k.endswith(".running_var") for k in sd)
+    if norms_kept:
+        from .encoder import RepVggBlock
+
+        for m in model.modules():
+            if isinstance(m, RepVggBlock):
+                m.fold()
+    elif deployed:
         model.deploy()
     if from_hf:
         # transformers' backbone uses frozen batch norms: the counters our unfrozen r18/r34
@@ -254,6 +264,8 @@ def load_pretrained(cls, path, num_classes: Optional[int] = None, name: Optional
             if k.endswith(".num_batches_tracked") and k not in sd:
                 sd[k] = torch.zeros_like(v)
     load_state_dict_strict(model, sd, repr(path))
+    if norms_kept:
+        model.deploy()
     if num_classes is not None and num_classes != config.num_classes:
         model.reset_classes(num_classes)
     if names is not None or cat_ids is not None:

@@ -142,6 +142,28 @@ def test_deployed_model_saves_and_loads(tmp_path, r18):
         assert torch.equal(model(x)["pred_boxes"], loaded(x)["pred_boxes"])
 
 
+def test_old_format_deployed_checkpoint_loads(tmp_path, r18):
+    """A deployed model saved by an earlier version (RepConv folded, every batch norm kept)
+    loads strictly and is deployed as today's."""
+    from rtdetr_fast.model.encoder import RepVggBlock
+
+    old = copy.deepcopy(r18).eval()
+    for m in old.modules():
+        if isinstance(m, RepVggBlock):
+            m.fold()
+    sd = old.state_dict()
+    assert any(k.endswith("bottlenecks.0.conv.weight") for k in sd)
+    assert any(k.endswith(".norm.running_var") for k in sd)
+    torch.save(sd, tmp_path / "old_deployed.pth")
+    loaded = RTDETR.from_pretrained(tmp_path / "old_deployed.pth").eval()
+    assert loaded.deployed
+    assert not any(k.endswith(".running_var") for k in loaded.state_dict())
+    want = copy.deepcopy(old).deploy().state_dict()
+    got = loaded.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_eval_layer_cut_equals_a_shallower_model(r18):
     """Cutting to k layers equals a k-layer model holding the first k layers' weights."""
     model = copy.deepcopy(r18).set_eval_layers(2)
