@@ -88,3 +88,18 @@ def make_scalar_model():
     """A factory: each call is a fresh model."""
     return _ScalarModel
 
+
+def run_baseline_child(*pytest_args: str, timeout: int = 900) -> None:
+    """Run pytest on ``pytest_args`` in a child process forced onto the baseline x86-64 CPU
+    kernels (RTDETR_FAST_NO_AVX2=1: the CPU kernels exist twice, baseline and AVX2+FMA, chosen
+    at run time) and assert that it passed something and failed nothing."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RTDETR_FAST_NO_AVX2="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           *pytest_args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    tail = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout.strip().splitlines()[-1], tail

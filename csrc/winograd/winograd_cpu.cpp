@@ -19,11 +19,11 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_isa.h"
 #include "common/codes.h"
 
 namespace rtdetr_fast {
@@ -39,8 +39,7 @@ namespace baseline {
 #include "winograd/winograd_cpu_kernels.inc"
 }  // namespace baseline
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define RTDETR_WINOGRAD_AVX2 1
+#ifdef RTDETR_CPU_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -49,22 +48,10 @@ namespace avx2 {
 #pragma GCC pop_options
 #endif
 
-bool use_avx2() {
-#ifdef RTDETR_WINOGRAD_AVX2
-  // RTDETR_FAST_NO_AVX2=1 forces the baseline kernels (tests run both)
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          !(std::getenv("RTDETR_FAST_NO_AVX2") &&
-                            std::getenv("RTDETR_FAST_NO_AVX2")[0] == '1');
-  return yes;
-#else
-  return false;
-#endif
-}
-
 template <typename T>
 void input_transform(const T* x, T* V, int64_t N, int64_t C, int64_t H, int64_t W, int64_t nth,
                      int64_t ntw) {
-#ifdef RTDETR_WINOGRAD_AVX2
+#ifdef RTDETR_CPU_AVX2
   if (use_avx2()) return avx2::input_transform(x, V, N, C, H, W, nth, ntw);
 #endif
   baseline::input_transform(x, V, N, C, H, W, nth, ntw);
@@ -73,7 +60,7 @@ void input_transform(const T* x, T* V, int64_t N, int64_t C, int64_t H, int64_t 
 template <typename T>
 void output_transform(const T* Mt, const T* bias, T* y, int64_t N, int64_t K, int64_t H,
                       int64_t W, int64_t nth, int64_t ntw, int act) {
-#ifdef RTDETR_WINOGRAD_AVX2
+#ifdef RTDETR_CPU_AVX2
   if (use_avx2()) return avx2::output_transform(Mt, bias, y, N, K, H, W, nth, ntw, act);
 #endif
   baseline::output_transform(Mt, bias, y, N, K, H, W, nth, ntw, act);

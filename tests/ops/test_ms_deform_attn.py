@@ -16,6 +16,8 @@ from rtdetr_fast.ops import _backend
 from rtdetr_fast.ops.ms_deform_attn import native
 from rtdetr_fast.ops.ms_deform_attn.reference import ms_deform_attn_reference
 
+from conftest import run_baseline_child
+
 HAS_NATIVE_CPU = _backend.extension_has("ms_deform_attn", "cpu")
 HAS_CUDA = torch.cuda.is_available()
 HAS_NATIVE_CUDA = HAS_CUDA and _backend.extension_has("ms_deform_attn", "cuda")
@@ -555,12 +557,6 @@ def test_triton_far_edge(triton_device):
 def test_native_cpu_baseline_kernels():
     """The CPU kernels exist twice (baseline x86-64 and AVX2+FMA, chosen at run time): the
     native tests run again in a child process forced onto the baseline build."""
-    env = dict(os.environ, RTDETR_FAST_NO_AVX2="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-         _DISCRETE_FILE, "-k", "native and not triton and not cuda and not baseline"],
-        env=env, capture_output=True, text=True, timeout=900)
-    tail = proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    assert " passed" in proc.stdout.strip().splitlines()[-1], tail
+    run_baseline_child(os.path.abspath(__file__), _DISCRETE_FILE,
+                       "-k", "native and not triton and not cuda and not baseline")
 

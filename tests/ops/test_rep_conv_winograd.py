@@ -7,8 +7,6 @@ child process, bad input, the routing of ops.rep_conv on the CPU, the weight cac
 torch.compile.
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +15,8 @@ import torch.nn.functional as F
 from rtdetr_fast import ops
 from rtdetr_fast.ops import _backend
 from rtdetr_fast.ops.rep_conv import winograd as wg
+
+from conftest import run_baseline_child
 
 HAS_KERNEL = _backend.extension() is not None and wg.available()
 pytestmark = pytest.mark.skipif(not HAS_KERNEL, reason="rtdetr_fast._C not built")
@@ -80,13 +80,7 @@ def test_model_sized_layer_float32():
 def test_baseline_build_in_child():
     """The transforms exist twice (baseline x86-64 and AVX2+FMA, chosen at run time): the
     kernel tests run again in a child process forced onto the baseline build."""
-    env = dict(os.environ, RTDETR_FAST_NO_AVX2="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-         "-k", "float64 or float32"], env=env, capture_output=True, text=True, timeout=600)
-    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert proc.returncode == 0, tail
-    assert " passed" in proc.stdout.strip().splitlines()[-1], tail
+    run_baseline_child(os.path.abspath(__file__), "-k", "float64 or float32", timeout=600)
 
 
 def test_winograd_weight_shape_and_exactness():

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/cpu_alloc.h"
+#include "common/cpu_isa.h"
 #include "ms_deform_attn/ms_deform_attn.h"
 #include "ms_deform_attn/ms_deform_attn_math.h"
 
@@ -23,8 +24,7 @@ namespace baseline {
 #include "ms_deform_attn/cpu/ms_deform_attn_cpu_kernels.inc"
 }  // namespace baseline
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define RTDETR_MSDA_AVX2 1
+#ifdef RTDETR_CPU_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -33,22 +33,10 @@ namespace avx2 {
 #pragma GCC pop_options
 #endif
 
-bool use_avx2() {
-#ifdef RTDETR_MSDA_AVX2
-  // RTDETR_FAST_NO_AVX2=1 forces the baseline kernels (tests run both)
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          !(std::getenv("RTDETR_FAST_NO_AVX2") &&
-                            std::getenv("RTDETR_FAST_NO_AVX2")[0] == '1');
-  return yes;
-#else
-  return false;
-#endif
-}
-
 template <typename T>
 void forward_kernel(const T* value, const int64_t* shapes, const int64_t* starts, const T* loc,
                     const T* attn, T* out, const Dims& d) {
-#ifdef RTDETR_MSDA_AVX2
+#ifdef RTDETR_CPU_AVX2
   if (use_avx2()) return avx2::forward_kernel(value, shapes, starts, loc, attn, out, d);
 #endif
   baseline::forward_kernel(value, shapes, starts, loc, attn, out, d);
@@ -58,7 +46,7 @@ template <typename T>
 void backward_kernel(const T* grad_out, const T* value, const int64_t* shapes,
                      const int64_t* starts, const T* loc, const T* attn, T* grad_value,
                      T* grad_loc, T* grad_attn, const Dims& d) {
-#ifdef RTDETR_MSDA_AVX2
+#ifdef RTDETR_CPU_AVX2
   if (use_avx2())
     return avx2::backward_kernel(grad_out, value, shapes, starts, loc, attn, grad_value,
                                  grad_loc, grad_attn, d);

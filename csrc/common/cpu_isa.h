@@ -1,0 +1,26 @@
+// Run-time choice between the two builds of a CPU kernel: baseline x86-64, and AVX2+FMA (a copy
+// compiled under `#pragma GCC target("avx2,fma")` where RTDETR_CPU_AVX2 is defined), so that a
+// wheel built on any machine runs everywhere and uses the wider vectors where they exist.
+#pragma once
+#include <cstdlib>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RTDETR_CPU_AVX2 1
+#endif
+
+namespace rtdetr_fast {
+
+// Whether to run the AVX2+FMA copies: the CPU has both, and RTDETR_FAST_NO_AVX2=1 (the tests
+// run both builds) is not set.
+inline bool use_avx2() {
+#ifdef RTDETR_CPU_AVX2
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          !(std::getenv("RTDETR_FAST_NO_AVX2") &&
+                            std::getenv("RTDETR_FAST_NO_AVX2")[0] == '1');
+  return yes;
+#else
+  return false;
+#endif
+}
+
+}  // namespace rtdetr_fast
