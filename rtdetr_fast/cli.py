@@ -644,7 +644,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, default=0.5, help="keep detections scoring at least this")
     s.add_argument("--names", help="category names, comma-separated or a file with one per "
                                    "line (default: the names saved in the checkpoint)")
-    s.add_argument("--deploy", action="store_true", help="fold RepConv blocks first (faster)")
+    s.add_argument("--deploy", action="store_true",
+                   help="run the deployed form (RepConv and batch norms folded; on the CPU "
+                        "the Winograd RepConv kernel and fused convs): faster")
     model_args(s)
     s.set_defaults(fn=cmd_predict)
 
