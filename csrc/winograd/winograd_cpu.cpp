@@ -7,7 +7,7 @@
 //   M[e] (C_out x T) = U[e] (C_out x C_in) @ V[e] (C_in x T),  e = 0..35, T = the tiles,
 // 36 multiplies per 16 outputs instead of 144. The transformed weight U = G w G^T
 // ([36, C_out, C_in], e = 6*row + column) is made once by the Python side
-// (rtdetr_fast/ops/winograd.py, in float64), not per call.
+// (rtdetr_fast/ops/rep_conv/winograd.py, in float64), not per call.
 //
 // Layouts: x [N, C_in, H, W] contiguous (NCHW), float32 or float64; the result the same.
 // The transforms are this file's; the GEMMs are at::bmm (MKL/oneDNN).
@@ -95,11 +95,8 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight,
   const int64_t nth = (H + 3) / 4, ntw = (W + 3) / 4, tiles = N * nth * ntw;
   at::Tensor V = at::empty({36, C, tiles}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv3x3_cpu", [&] {
-    if (C > 0)
-      input_transform<scalar_t>(x.data_ptr<scalar_t>(), V.data_ptr<scalar_t>(), N, C, H, W,
-                                nth, ntw);
-    else
-      V.zero_();
+    input_transform<scalar_t>(x.data_ptr<scalar_t>(), V.data_ptr<scalar_t>(), N, C, H, W, nth,
+                              ntw);
     at::Tensor M = at::bmm(weight, V);  // [36, K, tiles]
     const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     output_transform<scalar_t>(M.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), N, K, H, W,
