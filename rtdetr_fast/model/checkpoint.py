@@ -250,11 +250,7 @@ def load_pretrained(cls, path, num_classes: Optional[int] = None, name: Optional
     # batch norm: loaded into that form, then deployed as today
     norms_kept = deployed and any(k.endswith(".running_var") for k in sd)
     if norms_kept:
-        from .encoder import RepVggBlock
-
-        for m in model.modules():
-            if isinstance(m, RepVggBlock):
-                m.fold()
+        model.fold_rep_convs()
     elif deployed:
         model.deploy()
     if from_hf:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from .. import ops
+from ..ops.rep_conv.winograd import is_conv3x3_same
 
 
 def get_activation(name: str | None) -> nn.Module:
@@ -92,10 +93,11 @@ class ConvNormLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded and x.device.type == "cpu":
-            if self._rep_conv_act() is not None:
+            act = self._rep_conv_act()
+            if act is not None:
                 # a folded 3x3 stride-1 conv is the folded-RepConv op: on the CPU its native
                 # kernel is Winograd F(4x4, 3x3) (ops/rep_conv/winograd.py)
-                return ops.rep_conv(x, self.conv.weight, self.conv.bias, self._rep_conv_act())
+                return ops.rep_conv(x, self.conv.weight, self.conv.bias, act)
             fused = _ONEDNN_ACT.get(type(self.act))
             if fused is not None and _onednn_fusable(x, self.conv):
                 # oneDNN applies the activation as the convolution writes its output: one pass
@@ -108,9 +110,7 @@ class ConvNormLayer(nn.Module):
 
     def _rep_conv_act(self):
         """The activation's name when act(conv(x)) is ops.rep_conv's form, else None."""
-        c = self.conv
-        if (c.kernel_size != (3, 3) or c.stride != (1, 1) or c.padding != (1, 1)
-                or c.dilation != (1, 1) or c.groups != 1 or c.padding_mode != "zeros"):
+        if not is_conv3x3_same(self.conv):
             return None
         return _ACT_NAMES.get(type(self.act))
 

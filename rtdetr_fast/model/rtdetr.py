@@ -271,9 +271,7 @@ class RTDETR(nn.Module):
         from .common import fold_batch_norms
 
         self.eval()
-        for m in list(self.modules()):
-            if isinstance(m, RepVggBlock):
-                m.fold()
+        self.fold_rep_convs()
         fold_batch_norms(self)
         if hasattr(self.backbone, "fast_stem"):
             self.backbone.fast_stem = True
@@ -288,6 +286,15 @@ class RTDETR(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 m.weight.data = m.weight.data.contiguous(memory_format=memory_format)
+        return self
+
+    def fold_rep_convs(self) -> "RTDETR":
+        """Fold every RepVggBlock into one 3x3 conv with bias and nothing else (the first step
+        of :meth:`deploy`; also the form of checkpoints deployed by earlier versions, whose
+        batch norms stay unfolded). Idempotent."""
+        for m in list(self.modules()):
+            if isinstance(m, RepVggBlock):
+                m.fold()
         return self
 
     def set_eval_layers(self, k: int) -> "RTDETR":

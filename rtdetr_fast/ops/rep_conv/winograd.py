@@ -53,6 +53,13 @@ def _register_python_side() -> None:
 _backend.on_extension_load(_register_python_side)
 
 
+def is_conv3x3_same(conv: torch.nn.Conv2d) -> bool:
+    """Whether ``conv`` has rep_conv's geometry: 3x3, stride 1, zero padding 1, no dilation,
+    no groups."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
 def available() -> bool:
     return _backend.extension_has("winograd_conv3x3", "cpu")
 
@@ -92,8 +99,7 @@ def prepare(module: torch.nn.Module) -> int:
     (``rtdetr_fast.compile`` calls this). Returns how many were made."""
     n = 0
     for m in module.modules():
-        if (isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1)
-                and m.padding == (1, 1) and m.dilation == (1, 1) and m.groups == 1
+        if (isinstance(m, torch.nn.Conv2d) and is_conv3x3_same(m)
                 and min(m.in_channels, m.out_channels) >= MIN_CHANNELS
                 and m.weight.device.type == "cpu" and m.weight.dtype in _DTYPES):
             with torch.no_grad():
