@@ -311,6 +311,27 @@ def test_cpu_backward_large_value_gradient():
     del gv, grads
 
 
+@needs_native
+def test_cpu_backward_large_value_gradient_block_reused():
+    # a freed large value gradient's block is kept and handed to the next call of its size
+    # (csrc/common/cpu_alloc.h), zeroed again: the second gradient must not see the first
+    inputs = make_inputs(2, 40, 8, 32, [(64, 64), (32, 32), (16, 16)], 4, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    g1, g2 = (torch.randn(2, 40, 8 * 32, generator=gen) for _ in range(2))
+    _, first = run("native", *inputs, grad_out=g1)
+    block = first[0].data_ptr()
+    first[0].fill_(float("nan"))
+    del first
+    _, second = run("native", *inputs, grad_out=g2)
+    assert second[0].data_ptr() == block
+    _, ref = run("reference", *inputs, grad_out=g2)
+    _, ref64 = run("reference", *(t.double() if t.is_floating_point() else t for t in inputs),
+                   grad_out=g2.double())
+    untouched = ref64[0] == 0
+    assert torch.equal(second[0][untouched], torch.zeros_like(second[0][untouched]))
+    assert_tied(second[0], ref64[0], ref[0], 1e-5, "value")
+
+
 # ------------------------------------------------------------------------------ bad input
 
 def _bad_cases():
