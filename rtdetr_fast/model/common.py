@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 
 from .. import ops
+from ..ops.rep_conv import onednn
 from ..ops.rep_conv.winograd import is_conv3x3_same
 
 
@@ -98,14 +99,12 @@ class ConvNormLayer(nn.Module):
                 # a folded 3x3 stride-1 conv is the folded-RepConv op: on the CPU its native
                 # kernel is Winograd F(4x4, 3x3) (ops/rep_conv/winograd.py)
                 return ops.rep_conv(x, self.conv.weight, self.conv.bias, act)
-            fused = _ONEDNN_ACT.get(type(self.act))
-            if fused is not None and _onednn_fusable(x, self.conv):
-                # oneDNN applies the activation as the convolution writes its output: one pass
-                # over the activations fewer (what inductor emits for the compiled model)
-                c = self.conv
-                return torch.ops.mkldnn._convolution_pointwise(
-                    x, c.weight, c.bias, c.padding, c.stride, c.dilation, c.groups, fused, [],
-                    "")
+            c = self.conv
+            name = _FUSED_ACT_NAMES.get(type(self.act))
+            if (name is not None and isinstance(c.padding, tuple)
+                    and onednn.fusable(x, c.weight, c.bias, c.padding_mode)):
+                return onednn.conv_act(x, c.weight, c.bias, c.stride, c.padding, c.dilation,
+                                       c.groups, name)
         return self.act(self.norm(self.conv(x)))
 
     def _rep_conv_act(self):
@@ -128,19 +127,8 @@ class ConvNormLayer(nn.Module):
 
 
 _ACT_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Identity: "identity"}
-_ONEDNN_ACT = {nn.ReLU: "relu", nn.SiLU: "swish"}
-_MKLDNN = torch.backends.mkldnn.is_available()
-
-
-def _onednn_fusable(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    """Whether a CPU inference call can run as oneDNN's convolution with a fused activation:
-    float32, nothing needing a gradient, not while exporting. (A compiled graph keeps the fused
-    call: inductor here leaves convolutions unfused.)"""
-    if torch.jit.is_tracing() or torch.compiler.is_exporting():
-        return False  # exported graphs hold the plain conv
-    return (_MKLDNN and x.dtype == torch.float32 and conv.weight.dtype == torch.float32
-            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
-            and not (torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)))
+# the activations oneDNN applies in the conv (ops/rep_conv/onednn.py); a bare conv gains nothing
+_FUSED_ACT_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu"}
 
 
 def is_batch_norm(m: nn.Module) -> bool:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from rtdetr_fast import ops
 from rtdetr_fast.ops import _backend
+from rtdetr_fast.ops.rep_conv import onednn
 from rtdetr_fast.ops.rep_conv import winograd as wg
 
 from conftest import run_baseline_child
@@ -112,14 +113,23 @@ def test_bad_input_raises_one_line(bad, match):
 
 def test_ops_rep_conv_routes_wide_layers_to_winograd():
     """ops.rep_conv on the CPU: the kernel for layers of MIN_CHANNELS and more without a
-    gradient; the reference (bit for bit torch's conv) below that and under autograd."""
+    gradient; below that oneDNN's conv with the activation fused in float32 and the reference
+    (bit for bit torch's conv) in float64; the reference under autograd."""
     C = wg.MIN_CHANNELS
     x, w, b = _inputs(1, C, 9, 7, C, torch.float32)
     with torch.no_grad():
         out = ops.rep_conv(x, w, b, "relu")
         assert torch.equal(out, _kernel(x, w, b, "relu"))
-        narrow = ops.rep_conv(x[:, :8], w[:8, :8], b[:8], "relu")
-        assert torch.equal(narrow, F.relu(F.conv2d(x[:, :8], w[:8, :8], b[:8], padding=1)))
+        xn, wn, bn = x[:, :8], w[:8, :8], b[:8]
+        for act in sorted(ACT):
+            narrow = ops.rep_conv(xn, wn, bn, act)
+            fused = onednn.conv_act(xn, wn, bn, (1, 1), (1, 1), (1, 1), 1, act)
+            assert torch.equal(narrow, fused), act
+            torch.testing.assert_close(narrow, _direct64(xn, wn, bn, act).float(), rtol=1e-5,
+                                       atol=1e-5)
+        xd, wd, bd = xn.double(), wn.double(), bn.double()
+        assert torch.equal(ops.rep_conv(xd, wd, bd, "relu"),
+                           F.relu(F.conv2d(xd, wd, bd, padding=1)))
     xg = x.clone().requires_grad_()
     out = ops.rep_conv(xg, w, b, "identity")
     assert torch.equal(out, F.conv2d(x, w, b, padding=1))

@@ -6,7 +6,9 @@
 CUDA: ``rep_conv``, x and weight channels_last, float16/bfloat16, C_in % 8 == 0; the result is
 channels_last (mma.sync tensor cores, bias + activation in the epilogue). CPU:
 ``winograd_conv3x3``, Winograd F(4x4, 3x3) for float32/float64 NCHW inference with C_in and
-C_out of at least ``winograd.MIN_CHANNELS`` (see winograd.py). The fake (meta) implementations
+C_out of at least ``winograd.MIN_CHANNELS`` (see winograd.py); the float32 inference calls it
+does not cover (narrow layers, channels_last) run oneDNN's convolution with the activation
+fused (onednn.py), the reference's function in one pass. The fake (meta) implementations
 are registered once, when rtdetr_fast._C loads (the schemas exist only then, see
 _backend.on_extension_load); nothing imports the extension at module import.
 
@@ -24,6 +26,7 @@ import torch
 
 from .. import _backend
 from .reference import ACTIVATIONS, rep_conv_reference
+from . import onednn as _onednn
 from . import winograd as _winograd
 from .triton import check_same, empty_output
 
@@ -72,6 +75,8 @@ def rep_conv_native(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if x.device.type == "cpu":
         if _winograd.covers(x, weight, bias):
             return _winograd.rep_conv_winograd(x, weight, bias, activation)
+        if _onednn.fusable(x, weight, bias):
+            return _onednn.conv_act(x, weight, bias, (1, 1), (1, 1), (1, 1), 1, activation)
         return rep_conv_reference(x, weight, bias, activation)
     if not kernel_covers(x, weight, bias):
         return rep_conv_reference(x, weight, bias, activation)
