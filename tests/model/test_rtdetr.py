@@ -230,8 +230,12 @@ def test_predict_mixed_inputs(tmp_path, r18):
     results = r18.predict(inputs, threshold=0.0, size=(160, 160))
     assert len(results) == 5
     for r in results[:4]:
-        torch.testing.assert_close(r["boxes"], results[0]["boxes"], rtol=1e-4, atol=1e-3)
+        # the same pixels in four forms, batched together: the same detections; detections of
+        # near-equal score (a random-weight model) may come in either order
         torch.testing.assert_close(r["scores"], results[0]["scores"])
+        far = torch.cdist(r["boxes"], results[0]["boxes"], p=float("inf"))
+        far = far + 1e9 * (r["labels"][:, None] != results[0]["labels"][None])
+        assert far.min(1).values.max() <= 1e-3 and far.min(0).values.max() <= 1e-3
     for r in results:
         assert r["boxes"].shape == (300, 4) and r["labels"].dtype == torch.int64
         assert (r["scores"][:-1] >= r["scores"][1:]).all()
