@@ -127,8 +127,9 @@ class ConvNormLayer(nn.Module):
 
 
 _ACT_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Identity: "identity"}
-# the activations oneDNN applies in the conv (ops/rep_conv/onednn.py); a bare conv gains nothing
-_FUSED_ACT_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu"}
+# the activations oneDNN applies in the conv (ops/rep_conv/onednn.py); a bare conv takes the
+# same call, which inductor fuses with a following residual add (+ ReLU) into one oneDNN call
+_FUSED_ACT_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Identity: "identity"}
 
 
 def is_batch_norm(m: nn.Module) -> bool:
