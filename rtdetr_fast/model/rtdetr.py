@@ -257,8 +257,8 @@ class RTDETR(nn.Module):
         On the CPU the deployed forward also takes faster routes to the same function:
         folded 3x3 stride-1 convs of 128+ channels run the Winograd F(4x4, 3x3) RepConv
         kernel (``ops.rep_conv``; in float32 about 1e-6 relative difference on the encoder's
-        features, from the transforms' rounding), other convs followed by ReLU/SiLU run
-        oneDNN's convolution with the activation fused, the stem runs channels_last, and the
+        features, from the transforms' rounding), other convs (and narrower 3x3 ones) run
+        oneDNN's convolution with their activation fused, the stem runs channels_last, and the
         encoder's box head runs on the top-K selected rows only.
 
         ``memory_format``: ``"auto"`` (channels_last on CUDA, where cuDNN's convolutions prefer
