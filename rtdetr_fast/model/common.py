@@ -100,7 +100,7 @@ class ConvNormLayer(nn.Module):
                 # kernel is Winograd F(4x4, 3x3) (ops/rep_conv/winograd.py)
                 return ops.rep_conv(x, self.conv.weight, self.conv.bias, act)
             c = self.conv
-            name = _FUSED_ACT_NAMES.get(type(self.act))
+            name = _ACT_NAMES.get(type(self.act))
             if (name is not None and isinstance(c.padding, tuple)
                     and onednn.fusable(x, c.weight, c.bias, c.padding_mode)):
                 return onednn.conv_act(x, c.weight, c.bias, c.stride, c.padding, c.dilation,
@@ -126,10 +126,10 @@ class ConvNormLayer(nn.Module):
             self.norm = nn.Identity()
 
 
+# ops.rep_conv's activation names, which oneDNN's fused conv (ops/rep_conv/onednn.py) takes too;
+# a bare conv ("identity") takes that call as well, and inductor fuses it with a following
+# residual add (+ ReLU) into one oneDNN call
 _ACT_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Identity: "identity"}
-# the activations oneDNN applies in the conv (ops/rep_conv/onednn.py); a bare conv takes the
-# same call, which inductor fuses with a following residual add (+ ReLU) into one oneDNN call
-_FUSED_ACT_NAMES = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Identity: "identity"}
 
 
 def is_batch_norm(m: nn.Module) -> bool:
