@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from rtdetr_fast.cli import main
 from rtdetr_fast.data.synthetic import make_synthetic_coco
@@ -94,6 +95,9 @@ def test_demo_end_to_end_short(tmp_path, capsys):
     assert set(summary["metrics"]) >= {"AP", "AP50"} and summary["steps"] == 2
     assert all(os.path.isfile(p) for p in summary["images"])
     assert "COCO evaluation" in capsys.readouterr().out
+    # the checkpoint names its classes, so predicting with it labels the shapes by name
+    ckpt = torch.load(summary["checkpoint"], map_location="cpu", weights_only=False)
+    assert list(ckpt["model_config"]["class_names"]) == ["rectangle", "ellipse", "triangle"]
 
 
 @pytest.mark.parametrize("argv,msg", [

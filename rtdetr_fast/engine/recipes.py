@@ -353,6 +353,8 @@ def run_demo(out_dir: str = "demo_output", preset: str = "rtdetr_r18vd", epochs:
         f"{DEMO_SIZE[0]}x{DEMO_SIZE[1]} under {data_root}")
     train_ds, val_ds = coco_datasets(data_root, DEMO_SIZE, augment="light")
     model = RTDETR.from_name(preset, num_classes=len(DEMO_CLASSES), **DEMO_MODEL)
+    # saved with every checkpoint: `predict --checkpoint .../last.pth` then names the shapes
+    model.set_categories(train_ds.class_names, train_ds.label_to_cat_id)
     loader = make_loader(train_ds, batch_size, train=True, seed=seed)
     steps = epochs * len(loader)
     cfg = TrainConfig(epochs=epochs, lr=lr, backbone_lr=lr, warmup_steps=min(100, steps // 10),
@@ -378,7 +380,7 @@ def run_demo(out_dir: str = "demo_output", preset: str = "rtdetr_r18vd", epochs:
     for i, (image_id, path) in enumerate(_first_images(val_ds, 4)):
         det = model_eval.predict(path, threshold=0.5)[0]
         png = os.path.join(out_dir, f"val_{image_id}_detections.png")
-        draw_detections(path, det, class_names=DEMO_CLASSES, scale=3.0).save(png)
+        draw_detections(path, det, class_names=model_eval.class_names, scale=3.0).save(png)
         pngs.append(png)
     summary = {"metrics": final, "seconds": t_total, "epochs": trainer.epoch,
                "steps": trainer.step, "images": pngs,
