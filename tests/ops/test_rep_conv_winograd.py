@@ -25,7 +25,11 @@ pytestmark = pytest.mark.skipif(not HAS_KERNEL, reason="rtdetr_fast._C not built
 ACT = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
 # (N, C_in, H, W, C_out)
 SHAPES = [(1, 8, 8, 8, 8), (2, 5, 13, 17, 7), (1, 3, 1, 1, 4), (1, 6, 5, 3, 9), (0, 4, 6, 6, 4),
-          (1, 16, 4, 21, 16)]
+          (1, 16, 4, 21, 16),
+          # several strips of tile rows per image in the fused schedule, the last one short
+          (1, 3, 45, 9, 4), (2, 4, 22, 50, 6)]
+# the kernel's two schedules (csrc/winograd/winograd_cpu.cpp) and its choice between them
+METHODS = ["auto", "fused", "unfused"]
 
 
 def _inputs(N, C, H, W, K, dtype, bias=True, seed=0):
@@ -41,26 +45,28 @@ def _direct64(x, w, b, act):
                              padding=1))
 
 
-def _kernel(x, w, b, act):
-    return torch.ops.rtdetr_fast.winograd_conv3x3(x, wg.winograd_weight(w), b, act)
+def _kernel(x, w, b, act, method="auto"):
+    return torch.ops.rtdetr_fast.winograd_conv3x3(x, wg.winograd_weight(w), b, act, method)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("act", sorted(ACT))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_float64_equals_direct_convolution(shape, act):
+def test_float64_equals_direct_convolution(shape, act, method):
     x, w, b = _inputs(*shape, torch.float64)
-    out = _kernel(x, w, b, act)
+    out = _kernel(x, w, b, act, method)
     ref = _direct64(x, w, b, act)
     assert out.shape == ref.shape and out.dtype == torch.float64
     if out.numel():
         assert (out - ref).abs().max().item() <= 1e-12 * max(1.0, ref.abs().max().item())
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_float32_within_documented_bound(shape, bias):
+def test_float32_within_documented_bound(shape, bias, method):
     x, w, b = _inputs(*shape, torch.float32, bias=bias)
-    out = _kernel(x, w, b, "identity")
+    out = _kernel(x, w, b, "identity", method)
     ref = _direct64(x, w, b, "identity")
     assert out.dtype == torch.float32
     if out.numel():
@@ -69,12 +75,29 @@ def test_float32_within_documented_bound(shape, bias):
         assert (out.double() - ref).abs().max().item() <= 2e-5 * max(scale, 1.0)
 
 
-def test_model_sized_layer_float32():
-    """A layer of the size the deployed detector runs (128 channels, 40x40)."""
-    x, w, b = _inputs(1, 128, 40, 40, 128, torch.float32)
-    out = _kernel(x, w, b, "silu")
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", [(1, 128, 40, 40, 128), (2, 64, 36, 44, 72)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_model_sized_layer_float32(shape, method):
+    """Layers of the sizes the deployed detector runs (64 to 128 channels, 40x40), batch 2."""
+    x, w, b = _inputs(*shape, torch.float32)
+    out = _kernel(x, w, b, "silu", method)
     ref = _direct64(x, w, b, "silu")
     assert (out.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+
+
+def test_fused_schedule_reuses_its_buffers_cleanly():
+    """The fused schedule keeps each thread's strip buffers between calls: a larger layer, then
+    a smaller one with NaN in an image the next call does not see, then the first again."""
+    x1, w1, b1 = _inputs(1, 6, 30, 26, 5, torch.float64)
+    x2, w2, b2 = _inputs(2, 3, 17, 41, 4, torch.float64)
+    x2[1] = float("nan")
+    for x, w, b in ((x1, w1, b1), (x2, w2, b2), (x1, w1, b1), (x2[:1], w2, b2)):
+        out = _kernel(x, w, b, "relu", "fused")
+        ref = _direct64(x, w, b, "relu")
+        assert torch.equal(out.isnan(), ref.isnan())
+        keep = ~ref.isnan()
+        assert (out[keep] - ref[keep]).abs().max().item() <= 1e-12 * ref[keep].abs().max()
 
 
 @pytest.mark.skipif(os.environ.get("RTDETR_FAST_NO_AVX2") == "1", reason="this is the child")
@@ -102,6 +125,7 @@ def test_winograd_weight_shape_and_exactness():
     (lambda x, U, b: (x.transpose(2, 3), U, b, "relu"), "contiguous"),
     (lambda x, U, b: (x, U, b[:2], "relu"), r"bias must be \[C_out\]"),
     (lambda x, U, b: (x, U, b, "gelu"), "activation must be one of"),
+    (lambda x, U, b: (x, U, b, "relu", "fast"), "method must be 'auto', 'fused' or 'unfused'"),
 ])
 def test_bad_input_raises_one_line(bad, match):
     x, w, b = _inputs(1, 4, 5, 6, 3, torch.float32)
