@@ -86,6 +86,28 @@ def test_model_sized_layer_float32(shape, method):
     assert (out.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("method", ["fused", "unfused"])
+def test_float32_silu_epilogue(method):
+    """The float32 SiLU epilogue computes e^-v with its own vectorised polynomial (kernels.inc):
+    over [-87, 60] it matches float64 silu to the rounding of the pre-activation, past -87 it
+    stays within |v| 2e-38 of zero, zero stays zero and NaN stays NaN. 1x1 maps, so that each value
+    is its own tile and its transforms are nearly exact."""
+    v = torch.cat([torch.linspace(-87.0, 60.0, 2941), torch.tensor([-1e-30, 1e-30, 0.0])])
+    far = torch.tensor([-87.5, -90.0, -100.0, -1e3])
+    x = torch.cat([v, far, torch.tensor([float("nan")])]).reshape(-1, 1, 1, 1)
+    w = torch.zeros(1, 1, 3, 3)
+    w[0, 0, 1, 1] = 1.0
+    U = wg.winograd_weight(w)
+    y = torch.ops.rtdetr_fast.winograd_conv3x3(x, U, None, "silu", method).flatten()
+    pre = torch.ops.rtdetr_fast.winograd_conv3x3(x, U, None, "identity", method).flatten()
+    n, m = v.numel(), far.numel()
+    ref = F.silu(pre[:n].double())
+    err = (y[:n].double() - ref).abs()
+    assert (err <= 1e-6 * ref.abs() + 1e-37).all(), err.max()
+    assert (y[n:n + m].abs() <= 2e-38 * far.abs()).all() and (y[n:n + m] <= 0).all()
+    assert y[n - 1] == 0 and y[-1].isnan()
+
+
 def test_fused_schedule_reuses_its_buffers_cleanly():
     """The fused schedule keeps each thread's strip buffers between calls: a larger layer, then
     a smaller one with NaN in an image the next call does not see, then the first again."""
