@@ -155,6 +155,10 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight,
   const int64_t nth = (H + 3) / 4, ntw = (W + 3) / 4, tiles = N * nth * ntw;
   const int64_t threads = at::get_num_threads();
   int64_t R = method == "unfused" ? 0 : strip_rows(N, nth, ntw, threads);
+  // each thread keeps its strip buffers (36 (C_in + C_out) R ntw elements) after the call:
+  // "auto" leaves layers that would need more than 32 MiB a thread to the unfused schedule
+  if (method == "auto" && 36 * (C + K) * R * ntw * x.element_size() > (int64_t{32} << 20))
+    R = 0;
   if (method == "fused" && R == 0) R = std::min<int64_t>(nth, (32 + ntw - 1) / ntw);
   if (R > 0) {
     const int64_t strips_per_image = (nth + R - 1) / R, Tb = R * ntw;
