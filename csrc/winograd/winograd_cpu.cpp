@@ -20,7 +20,9 @@
 //   own buffer, multiplies it (one single-threaded batched GEMM) and transforms the result, so
 //   the strip's V and M stay in the core's caches. Each strip reads all of U, so this is for
 //   layers with many tiles (large images), where V and M are the largest arrays.
-// "auto" (the default) picks fused when there are at least as many strips as threads.
+// "auto" (the default) picks fused when there are at least as many strips as threads and the
+// strip buffers stay under 32 MiB; the environment variable RTDETR_FAST_WINOGRAD_SCHEDULE
+// (fused / unfused) overrides it, for benchmarks.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/bmm.h>
@@ -30,6 +32,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -153,6 +156,18 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor y = at::empty({N, K, H, W}, x.options());
   if (y.numel() == 0) return y;
   const int64_t nth = (H + 3) / 4, ntw = (W + 3) / 4, tiles = N * nth * ntw;
+  // RTDETR_FAST_WINOGRAD_SCHEDULE=fused|unfused overrides "auto" (read on every call, so that a
+  // benchmark can switch one compiled model between the schedules)
+  if (method == "auto") {
+    const char* env = std::getenv("RTDETR_FAST_WINOGRAD_SCHEDULE");
+    if (env != nullptr && env[0] != '\0') {
+      const c10::string_view forced(env);
+      TORCH_CHECK(forced == "auto" || forced == "fused" || forced == "unfused",
+                  "RTDETR_FAST_WINOGRAD_SCHEDULE must be 'auto', 'fused' or 'unfused', got '",
+                  forced, "'");
+      method = forced;
+    }
+  }
   const int64_t threads = at::get_num_threads();
   int64_t R = method == "unfused" ? 0 : strip_rows(N, nth, ntw, threads);
   // each thread keeps its strip buffers (36 (C_in + C_out) R ntw elements) after the call:

@@ -108,6 +108,23 @@ def test_float32_silu_epilogue(method):
     assert y[n - 1] == 0 and y[-1].isnan()
 
 
+def test_schedule_environment_variable(monkeypatch):
+    """RTDETR_FAST_WINOGRAD_SCHEDULE overrides "auto" (for benchmarks); a bad value is a
+    one-line error naming the variable."""
+    x, w, b = _inputs(2, 4, 18, 9, 3, torch.float64)
+    ref = _direct64(x, w, b, "relu")
+    for value in ("fused", "unfused", "auto", ""):
+        monkeypatch.setenv("RTDETR_FAST_WINOGRAD_SCHEDULE", value)
+        out = _kernel(x, w, b, "relu")
+        assert (out - ref).abs().max().item() <= 1e-12 * ref.abs().max().item(), value
+    monkeypatch.setenv("RTDETR_FAST_WINOGRAD_SCHEDULE", "fast")
+    with pytest.raises(RuntimeError, match="RTDETR_FAST_WINOGRAD_SCHEDULE must be 'auto', "
+                                           "'fused' or 'unfused', got 'fast'"):
+        _kernel(x, w, b, "relu")
+    # an explicit method is not overridden
+    assert torch.equal(_kernel(x, w, b, "relu", "unfused"), _kernel(x, w, b, "relu", "fused"))
+
+
 def test_fused_schedule_reuses_its_buffers_cleanly():
     """The fused schedule keeps each thread's strip buffers between calls: a larger layer, then
     a smaller one with NaN in an image the next call does not see, then the first again."""
