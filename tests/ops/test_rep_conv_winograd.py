@@ -25,11 +25,7 @@ pytestmark = pytest.mark.skipif(not HAS_KERNEL, reason="rtdetr_fast._C not built
 ACT = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
 # (N, C_in, H, W, C_out)
 SHAPES = [(1, 8, 8, 8, 8), (2, 5, 13, 17, 7), (1, 3, 1, 1, 4), (1, 6, 5, 3, 9), (0, 4, 6, 6, 4),
-          (1, 16, 4, 21, 16),
-          # several strips of tile rows per image in the fused schedule, the last one short
-          (1, 3, 45, 9, 4), (2, 4, 22, 50, 6)]
-# the kernel's two schedules (csrc/winograd/winograd_cpu.cpp) and its choice between them
-METHODS = ["auto", "fused", "unfused"]
+          (1, 16, 4, 21, 16), (1, 3, 45, 9, 4), (2, 4, 22, 50, 6)]
 
 
 def _inputs(N, C, H, W, K, dtype, bias=True, seed=0):
@@ -45,28 +41,26 @@ def _direct64(x, w, b, act):
                              padding=1))
 
 
-def _kernel(x, w, b, act, method="auto"):
-    return torch.ops.rtdetr_fast.winograd_conv3x3(x, wg.winograd_weight(w), b, act, method)
+def _kernel(x, w, b, act):
+    return torch.ops.rtdetr_fast.winograd_conv3x3(x, wg.winograd_weight(w), b, act)
 
 
-@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("act", sorted(ACT))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_float64_equals_direct_convolution(shape, act, method):
+def test_float64_equals_direct_convolution(shape, act):
     x, w, b = _inputs(*shape, torch.float64)
-    out = _kernel(x, w, b, act, method)
+    out = _kernel(x, w, b, act)
     ref = _direct64(x, w, b, act)
     assert out.shape == ref.shape and out.dtype == torch.float64
     if out.numel():
         assert (out - ref).abs().max().item() <= 1e-12 * max(1.0, ref.abs().max().item())
 
 
-@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_float32_within_documented_bound(shape, bias, method):
+def test_float32_within_documented_bound(shape, bias):
     x, w, b = _inputs(*shape, torch.float32, bias=bias)
-    out = _kernel(x, w, b, "identity", method)
+    out = _kernel(x, w, b, "identity")
     ref = _direct64(x, w, b, "identity")
     assert out.dtype == torch.float32
     if out.numel():
@@ -75,31 +69,29 @@ def test_float32_within_documented_bound(shape, bias, method):
         assert (out.double() - ref).abs().max().item() <= 2e-5 * max(scale, 1.0)
 
 
-@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape", [(1, 128, 40, 40, 128), (2, 64, 36, 44, 72)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_model_sized_layer_float32(shape, method):
+def test_model_sized_layer_float32(shape):
     """Layers of the sizes the deployed detector runs (64 to 128 channels, 40x40), batch 2."""
     x, w, b = _inputs(*shape, torch.float32)
-    out = _kernel(x, w, b, "silu", method)
+    out = _kernel(x, w, b, "silu")
     ref = _direct64(x, w, b, "silu")
     assert (out.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
 
 
-@pytest.mark.parametrize("method", ["fused", "unfused"])
-def test_float32_silu_epilogue(method):
+def test_float32_silu_epilogue():
     """The float32 SiLU epilogue computes e^-v with its own vectorised polynomial (kernels.inc):
     over [-87, 60] it matches float64 silu to the rounding of the pre-activation, past -87 it
-    stays within |v| 2e-38 of zero, zero stays zero and NaN stays NaN. 1x1 maps, so that each value
-    is its own tile and its transforms are nearly exact."""
+    stays within |v| 2e-38 of zero, zero stays zero and NaN stays NaN. 1x1 maps, so that each
+    value is its own tile and its transforms are nearly exact."""
     v = torch.cat([torch.linspace(-87.0, 60.0, 2941), torch.tensor([-1e-30, 1e-30, 0.0])])
     far = torch.tensor([-87.5, -90.0, -100.0, -1e3])
     x = torch.cat([v, far, torch.tensor([float("nan")])]).reshape(-1, 1, 1, 1)
     w = torch.zeros(1, 1, 3, 3)
     w[0, 0, 1, 1] = 1.0
     U = wg.winograd_weight(w)
-    y = torch.ops.rtdetr_fast.winograd_conv3x3(x, U, None, "silu", method).flatten()
-    pre = torch.ops.rtdetr_fast.winograd_conv3x3(x, U, None, "identity", method).flatten()
+    y = torch.ops.rtdetr_fast.winograd_conv3x3(x, U, None, "silu").flatten()
+    pre = torch.ops.rtdetr_fast.winograd_conv3x3(x, U, None, "identity").flatten()
     n, m = v.numel(), far.numel()
     ref = F.silu(pre[:n].double())
     err = (y[:n].double() - ref).abs()
@@ -108,35 +100,16 @@ def test_float32_silu_epilogue(method):
     assert y[n - 1] == 0 and y[-1].isnan()
 
 
-def test_schedule_environment_variable(monkeypatch):
-    """RTDETR_FAST_WINOGRAD_SCHEDULE overrides "auto" (for benchmarks); a bad value is a
-    one-line error naming the variable."""
-    x, w, b = _inputs(2, 4, 18, 9, 3, torch.float64)
-    ref = _direct64(x, w, b, "relu")
-    for value in ("fused", "unfused", "auto", ""):
-        monkeypatch.setenv("RTDETR_FAST_WINOGRAD_SCHEDULE", value)
-        out = _kernel(x, w, b, "relu")
-        assert (out - ref).abs().max().item() <= 1e-12 * ref.abs().max().item(), value
-    monkeypatch.setenv("RTDETR_FAST_WINOGRAD_SCHEDULE", "fast")
-    with pytest.raises(RuntimeError, match="RTDETR_FAST_WINOGRAD_SCHEDULE must be 'auto', "
-                                           "'fused' or 'unfused', got 'fast'"):
-        _kernel(x, w, b, "relu")
-    # an explicit method is not overridden
-    assert torch.equal(_kernel(x, w, b, "relu", "unfused"), _kernel(x, w, b, "relu", "fused"))
-
-
-def test_fused_schedule_reuses_its_buffers_cleanly():
-    """The fused schedule keeps each thread's strip buffers between calls: a larger layer, then
-    a smaller one with NaN in an image the next call does not see, then the first again."""
-    x1, w1, b1 = _inputs(1, 6, 30, 26, 5, torch.float64)
-    x2, w2, b2 = _inputs(2, 3, 17, 41, 4, torch.float64)
-    x2[1] = float("nan")
-    for x, w, b in ((x1, w1, b1), (x2, w2, b2), (x1, w1, b1), (x2[:1], w2, b2)):
-        out = _kernel(x, w, b, "relu", "fused")
-        ref = _direct64(x, w, b, "relu")
-        assert torch.equal(out.isnan(), ref.isnan())
-        keep = ~ref.isnan()
-        assert (out[keep] - ref[keep]).abs().max().item() <= 1e-12 * ref[keep].abs().max()
+@pytest.mark.parametrize("act", sorted(ACT))
+def test_nan_image_stays_nan_and_alone(act):
+    """An image of NaN gives NaN for every activation (ReLU too, as torch.relu does), and the
+    other image of the batch equals the direct convolution."""
+    x, w, b = _inputs(2, 5, 11, 14, 6, torch.float64)
+    x[1] = float("nan")
+    out = _kernel(x, w, b, act)
+    assert out[1].isnan().all()
+    ref = _direct64(x[:1], w, b, act)
+    assert (out[:1] - ref).abs().max().item() <= 1e-12 * ref.abs().max().item()
 
 
 @pytest.mark.skipif(os.environ.get("RTDETR_FAST_NO_AVX2") == "1", reason="this is the child")
@@ -164,7 +137,6 @@ def test_winograd_weight_shape_and_exactness():
     (lambda x, U, b: (x.transpose(2, 3), U, b, "relu"), "contiguous"),
     (lambda x, U, b: (x, U, b[:2], "relu"), r"bias must be \[C_out\]"),
     (lambda x, U, b: (x, U, b, "gelu"), "activation must be one of"),
-    (lambda x, U, b: (x, U, b, "relu", "fast"), "method must be 'auto', 'fused' or 'unfused'"),
 ])
 def test_bad_input_raises_one_line(bad, match):
     x, w, b = _inputs(1, 4, 5, 6, 3, torch.float32)

@@ -1,17 +1,16 @@
 """Binding of the extension's folded RepConv kernels (csrc/rep_conv/, csrc/winograd/).
 
   rtdetr_fast::rep_conv(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor
-  rtdetr_fast::winograd_conv3x3(Tensor x, Tensor weight, Tensor? bias, str activation,
-                                str method="auto") -> Tensor
+  rtdetr_fast::winograd_conv3x3(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor
 
 CUDA: ``rep_conv``, x and weight channels_last, float16/bfloat16, C_in % 8 == 0; the result is
 channels_last (mma.sync tensor cores, bias + activation in the epilogue). CPU:
 ``winograd_conv3x3``, Winograd F(4x4, 3x3) for float32/float64 NCHW inference with C_in and
 C_out of at least ``winograd.MIN_CHANNELS`` (see winograd.py); the float32 inference calls it
 does not cover (layers under that width, the channels_last stem's among them) run oneDNN's
-convolution with the activation fused (onednn.py), the reference's function in one pass. The fake (meta) implementations
-are registered once, when rtdetr_fast._C loads (the schemas exist only then, see
-_backend.on_extension_load); nothing imports the extension at module import.
+convolution with the activation fused (onednn.py), the reference's function in one pass. The
+fake (meta) implementations are registered once, when rtdetr_fast._C loads (the schemas exist
+only then, see _backend.on_extension_load); nothing imports the extension at module import.
 
 Documented fallbacks to the reference (same result, never a silent wrong one): on CUDA, float32
 (torch's cuDNN convolution, TF32 under torch's default ``allow_tf32``) and float64, C_in not a

@@ -4,7 +4,8 @@ followed by ReLU/SiLU, and what inductor emits for a compiled model.
 
 Used on CPU inference calls by the deployed model's convs and by the native CPU backend of
 ``ops.rep_conv`` for the calls its Winograd kernel does not cover (layers under its channel
-minimum, the channels_last stem's among them): the same function as the reference, without the separate activation pass.
+minimum, the channels_last stem's among them): the same function as the reference, without the
+separate activation pass.
 """
 from __future__ import annotations
 
