@@ -12,8 +12,9 @@ about 1e-5 of the output's scale against a direct convolution (the tests bound i
 about 1e-13. It runs for inference only (no gradient), float32 and float64, NCHW; calls it does
 not cover, and channel counts below :data:`MIN_CHANNELS`, run the reference (ops.rep_conv's
 native backend sends the narrow float32 ones to oneDNN, see native.py). At 64 channels the kernel
-ran 3.0-3.7 ms against oneDNN's 5.4-7.6 ms (160x160, relu fused, one Xeon with AVX-512); at 32
-channels it lost where C_out > C_in (32->64 at 320x320: 21-29 ms against 11-14 ms).
+wins (64 ch 160x160 with SiLU: 3.8 ms against 6.5 ms for torch's conv then SiLU,
+benchmarks/results/cpu-xeon-wino64-silu-2026-12-06.md); the stem's 32-channel convs stay on
+oneDNN's channels_last convolution, which was faster there.
 """
 from __future__ import annotations
 
