@@ -25,7 +25,15 @@ class MSDeformableAttention(nn.Module):
     scales each point's offset by 1/P_l through the ``num_points_scale`` buffer (in the state
     dict, as the official v2 model has it); "v1" keeps the v1 arithmetic where it applies.
     ``method`` "discrete" samples the nearest cell and freezes the sampling offsets (their
-    gradient would be zero through the rounding), as the official v2 does."""
+    gradient would be zero through the rounding), as the official v2 does.
+
+    ``project_after_sampling`` (set by ``RTDETR.deploy()`` on the CPU; eval mode only): the
+    same function with ``value_proj`` applied after the sampling instead of to every memory
+    token. Sampling and the attention sum are linear, so each head's output is
+    ``W_h (sum_p a_p sample_p(memory)) + b_h m`` with ``m = sum_p a_p`` times the bilinear
+    weight that falls inside the image (:func:`sampled_mass`): one [S, C] x [C, C] GEMM per
+    layer (S = 8400 tokens at 640x640) becomes a [Q*H, C] x [C, C/H] one, for sampling C
+    channels per head instead of C/H. Only the rounding differs."""
 
     def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_levels: int = 4,
                  num_points: Union[int, Sequence[int]] = 4, version: str = "v1",
@@ -53,6 +61,7 @@ class MSDeformableAttention(nn.Module):
                                           dtype=torch.float32),
                              persistent=version == "v2")
         self.total_points = num_heads * sum(points)
+        self.project_after_sampling = False
         self.head_dim = embed_dim // num_heads
         self.sampling_offsets = nn.Linear(embed_dim, self.total_points * 2)
         self.attention_weights = nn.Linear(embed_dim, self.total_points)
@@ -90,7 +99,10 @@ class MSDeformableAttention(nn.Module):
         B, Q = query.shape[:2]
         H, L = self.num_heads, self.num_levels
         N = sum(self.num_points_list)
-        value = self.value_proj(value).reshape(B, value.shape[1], H, self.head_dim)
+        memory = value
+        late = self.project_after_sampling and not self.training
+        if not late:
+            value = self.value_proj(value).reshape(B, value.shape[1], H, self.head_dim)
         offsets = self.sampling_offsets(query).reshape(B, Q, H, N, 2)
         weights = F.softmax(self.attention_weights(query).reshape(B, Q, H, N), dim=-1)
         method = {} if self.method == "default" else {"method": self.method}
@@ -113,8 +125,12 @@ class MSDeformableAttention(nn.Module):
             else:
                 raise ValueError(f"reference_points must end in 2 or 4, got "
                                  f"{reference_points.shape}")
-            out = ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
-                                     **method)
+            if late:
+                out = self._sample_then_project(memory, spatial_shapes, level_start_index,
+                                                locations, weights, None)
+            else:
+                out = ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations,
+                                         weights, **method)
             return self.output_proj(out)
         if reference_points.shape[-1] != 4:
             raise ValueError(f"reference_points must be boxes [B, Q, 1, 4] with per-level point "
@@ -123,9 +139,69 @@ class MSDeformableAttention(nn.Module):
         scale = self.num_points_scale.to(dtype=query.dtype).unsqueeze(-1)
         locations = (reference_points[:, :, None, :, :2]
                      + offsets * scale * reference_points[:, :, None, :, 2:] * self.offset_scale)
-        out = ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
-                                 num_points_list=self.num_points_list, **method)
+        if late:
+            out = self._sample_then_project(memory, spatial_shapes, level_start_index, locations,
+                                            weights, self.num_points_list)
+        else:
+            out = ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations,
+                                     weights, num_points_list=self.num_points_list, **method)
         return self.output_proj(out)
+
+    def _sample_then_project(self, memory, spatial_shapes, level_start_index, locations, weights,
+                             num_points_list):
+        """value_proj after the sampling (see the class docstring): every (query, head) pair is
+        a one-head query over the unprojected memory [B, S, 1, C]."""
+        B, S, C = memory.shape
+        Q, H, D = locations.shape[1], self.num_heads, self.head_dim
+        loc = locations.reshape(B, Q * H, 1, *locations.shape[3:])
+        w = weights.reshape(B, Q * H, 1, *weights.shape[3:])
+        kw = {} if self.method == "default" else {"method": self.method}
+        if num_points_list is not None:
+            kw["num_points_list"] = num_points_list
+        sampled = ops.ms_deform_attn(memory.reshape(B, S, 1, C), spatial_shapes,
+                                     level_start_index, loc, w, **kw).reshape(B, Q, H, C)
+        out = torch.einsum("bqhc,hdc->bqhd", sampled, self.value_proj.weight.reshape(H, D, C))
+        if self.value_proj.bias is not None:
+            mass = sampled_mass(spatial_shapes, locations, weights, num_points_list, self.method)
+            out = out + mass.unsqueeze(-1) * self.value_proj.bias.reshape(H, D)
+        return out.reshape(B, Q, H * D)
+
+
+def sampled_mass(spatial_shapes, sampling_locations: torch.Tensor,
+                 attention_weights: torch.Tensor, num_points_list=None,
+                 method: str = "default") -> torch.Tensor:
+    """What ``ops.ms_deform_attn`` returns for a value of ones, without sampling: per (batch,
+    query, head), the sum over points of the attention weight times the bilinear weight of the
+    sample's corners that lie inside the level (zero padding, align_corners=False; a NaN or
+    infinite location weighs nothing). Discrete sampling always reads a cell: the plain sum of
+    the weights. Locations [B,Q,H,L,P,2] and weights [B,Q,H,L,P], or with ``num_points_list``
+    [B,Q,H,N,2] and [B,Q,H,N]; returns [B,Q,H]."""
+    if method == "discrete":
+        return attention_weights.flatten(3).sum(-1)
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = spatial_shapes.tolist()
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes]
+    if num_points_list is None:
+        locs, weights = sampling_locations.unbind(3), attention_weights.unbind(3)
+    else:
+        locs = sampling_locations.split(list(num_points_list), dim=3)
+        weights = attention_weights.split(list(num_points_list), dim=3)
+
+    def axis(t, n):
+        # the pixel coordinate p = t*n - 0.5 lies between cells x0 and x0 + 1: the weight of
+        # those two that are inside [0, n-1] (none for a NaN or infinite p: every compare
+        # is false)
+        p = t * n - 0.5
+        x0 = torch.floor(p)
+        frac = p - x0
+        return (torch.where((x0 >= 0) & (x0 <= n - 1), 1 - frac, 0.0)
+                + torch.where((x0 >= -1) & (x0 <= n - 2), frac, 0.0))
+
+    mass = None
+    for (h, w), loc, a in zip(shapes, locs, weights):
+        term = (axis(loc[..., 0], w) * axis(loc[..., 1], h) * a).sum(-1)
+        mass = term if mass is None else mass + term
+    return mass
 
 
 class TransformerDecoderLayer(nn.Module):

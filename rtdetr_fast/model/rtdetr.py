@@ -14,7 +14,7 @@ from ..config import RTDETRConfig, get_config
 from .backbone import PResNet
 from .common import box_xyxy_to_cxcywh
 from .criterion import RTDETRCriterion
-from .decoder import RTDETRDecoder
+from .decoder import MSDeformableAttention, RTDETRDecoder
 from .denoising import contrastive_denoising_group
 from .encoder import HybridEncoder, RepVggBlock
 from .postprocess import PostProcessor
@@ -255,11 +255,15 @@ class RTDETR(nn.Module):
         run in float64; the float64 test holds them to 1e-10).
 
         On the CPU the deployed forward also takes faster routes to the same function:
-        folded 3x3 stride-1 convs of 128+ channels run the Winograd F(4x4, 3x3) RepConv
+        folded 3x3 stride-1 convs of 64+ channels run the Winograd F(4x4, 3x3) RepConv
         kernel (``ops.rep_conv``; in float32 about 1e-6 relative difference on the encoder's
         features, from the transforms' rounding), other convs (and narrower 3x3 ones) run
-        oneDNN's convolution with their activation fused, the stem runs channels_last, and the
-        encoder's box head runs on the top-K selected rows only.
+        oneDNN's convolution with their activation fused, the stem runs channels_last, the
+        encoder's box head runs on the top-K selected rows only, and each decoder layer's
+        ``value_proj`` runs after the deformable sampling instead of on every memory token
+        (``MSDeformableAttention.project_after_sampling``: the same linear function without
+        a [S, C] x [C, C] GEMM over the S memory tokens per layer; off on CUDA, where it was
+        not measured).
 
         ``memory_format``: ``"auto"`` (channels_last on CUDA, where cuDNN's convolutions prefer
         it; contiguous on the CPU, where it measured no faster here: see the README),
@@ -276,8 +280,11 @@ class RTDETR(nn.Module):
         if hasattr(self.backbone, "fast_stem"):
             self.backbone.fast_stem = True
         self.decoder.select_before_box_head = True
+        device = next(self.parameters()).device
+        for m in self.modules():
+            if isinstance(m, MSDeformableAttention):
+                m.project_after_sampling = device.type == "cpu"
         if memory_format == "auto":
-            device = next(self.parameters()).device
             memory_format = (torch.channels_last if device.type == "cuda"
                              else torch.contiguous_format)
         if memory_format not in (torch.channels_last, torch.contiguous_format):
