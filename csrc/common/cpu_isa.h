@@ -23,4 +23,17 @@ inline bool use_avx2() {
 #endif
 }
 
+// Whether to run the AVX-512 kernels (the Winograd GEMMs): the CPU has AVX-512F, the AVX2 copies
+// run (use_avx2()), and RTDETR_FAST_NO_AVX512=1 (the tests run without them too) is not set.
+inline bool use_avx512() {
+#ifdef RTDETR_CPU_AVX2
+  static const bool yes = use_avx2() && __builtin_cpu_supports("avx512f") &&
+                          !(std::getenv("RTDETR_FAST_NO_AVX512") &&
+                            std::getenv("RTDETR_FAST_NO_AVX512")[0] == '1');
+  return yes;
+#else
+  return false;
+#endif
+}
+
 }  // namespace rtdetr_fast

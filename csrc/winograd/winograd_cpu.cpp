@@ -10,7 +10,8 @@
 // (rtdetr_fast/ops/rep_conv/winograd.py, in float64), not per call.
 //
 // Layouts: x [N, C_in, H, W] contiguous (NCHW), float32 or float64; the result the same.
-// The transforms are this file's; the GEMMs are at::bmm (MKL/oneDNN).
+// The transforms are this file's; the GEMMs are too in float32 where the CPU has AVX-512
+// (winograd_gemm_avx512.inc), else at::bmm (MKL/oneDNN).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/bmm.h>
@@ -46,7 +47,28 @@ namespace avx2 {
 #include "winograd/winograd_cpu_kernels.inc"
 }  // namespace avx2
 #pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+#include <immintrin.h>
+namespace avx512 {
+#include "winograd/winograd_gemm_avx512.inc"
+}  // namespace avx512
+#pragma GCC pop_options
 #endif
+
+// M[e] = U[e] @ V[e], e = 0..35
+at::Tensor gemms(const at::Tensor& U, const at::Tensor& V) {
+#ifdef RTDETR_CPU_AVX2
+  if (U.scalar_type() == at::kFloat && use_avx512()) {
+    const int64_t K = U.size(1), C = U.size(2), T = V.size(2);
+    at::Tensor M = at::empty({36, K, T}, V.options());
+    avx512::wino_gemm(U.data_ptr<float>(), V.data_ptr<float>(), M.data_ptr<float>(), K, C, T);
+    return M;
+  }
+#endif
+  return at::bmm(U, V);
+}
 
 template <typename T>
 void input_transform(const T* x, T* V, int64_t N, int64_t C, int64_t H, int64_t W, int64_t nth,
@@ -97,7 +119,7 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv3x3_cpu", [&] {
     input_transform<scalar_t>(x.data_ptr<scalar_t>(), V.data_ptr<scalar_t>(), N, C, H, W, nth,
                               ntw);
-    at::Tensor M = at::bmm(weight, V);  // [36, K, tiles]
+    at::Tensor M = gemms(weight, V);  // [36, K, tiles]
     const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     output_transform<scalar_t>(M.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), N, K, H, W,
                                nth, ntw, act);

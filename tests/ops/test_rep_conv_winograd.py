@@ -79,6 +79,20 @@ def test_model_sized_layer_float32(shape):
     assert (out.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("shape", [(1, 9, 20, 20, 13), (1, 12, 16, 40, 8), (3, 7, 16, 16, 1),
+                                   (1, 70, 36, 60, 24), (2, 17, 8, 33, 9)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_float32_gemm_strips_and_panels(shape):
+    """The float32 GEMMs run in 8-row panels of the output channels and 48-tile strips, the
+    last strip masked (AVX-512 build; at::bmm elsewhere, and in the baseline child): tiles
+    25, 40, 48, 135 and 36 reach every tail width class (one, two, three vectors, masked or
+    whole), output channels 13, 8, 1, 24 and 9 every panel remainder kind."""
+    x, w, b = _inputs(*shape, torch.float32)
+    out = _kernel(x, w, b, "identity")
+    ref = _direct64(x, w, b, "identity")
+    assert (out.double() - ref).abs().max().item() <= 2e-5 * max(ref.abs().max().item(), 1.0)
+
+
 def test_float32_silu_epilogue():
     """The float32 SiLU epilogue computes e^-v with its own vectorised polynomial (kernels.inc):
     over [-87, 60] it matches float64 silu to the rounding of the pre-activation, past -87 it
