@@ -93,6 +93,26 @@ def test_float32_gemm_strips_and_panels(shape):
     assert (out.double() - ref).abs().max().item() <= 2e-5 * max(ref.abs().max().item(), 1.0)
 
 
+# (N, C_in, H, W, C_out) that take the fused float32 schedule on AVX-512 (blocks of tile rows,
+# a short last block, blocks in several images, H and W not multiples of 4)
+FUSED = [(2, 9, 50, 34, 11), (1, 16, 70, 70, 8), (4, 3, 17, 64, 5), (2, 64, 36, 44, 72)]
+
+
+@pytest.mark.parametrize("act", sorted(ACT))
+@pytest.mark.parametrize("shape", FUSED, ids=lambda s: "x".join(map(str, s)))
+def test_float32_fused_schedule_equals_unfused(shape, act, monkeypatch):
+    """The fused schedule runs the same transforms and GEMM arithmetic per block as the unfused
+    one does over the batch: bit for bit the same output (RTDETR_WINO_FUSED=0 forces the
+    unfused one), and within the float32 bound of the direct convolution."""
+    x, w, b = _inputs(*shape, torch.float32, bias=act != "relu")
+    fused = _kernel(x, w, b, act)
+    monkeypatch.setenv("RTDETR_WINO_FUSED", "0")
+    unfused = _kernel(x, w, b, act)
+    assert torch.equal(fused, unfused)
+    ref = _direct64(x, w, b, act)
+    assert (fused.double() - ref).abs().max().item() <= 2e-5 * max(ref.abs().max().item(), 1.0)
+
+
 def test_float32_silu_epilogue():
     """The float32 SiLU epilogue computes e^-v with its own vectorised polynomial (kernels.inc):
     over [-87, 60] it matches float64 silu to the rounding of the pre-activation, past -87 it

@@ -3,9 +3,15 @@
   rtdetr_fast::winograd_conv3x3(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor
 
 act(conv3x3(x, w, stride 1, padding 1) + bias) as Winograd F(4x4, 3x3): 36 multiplies per 4x4
-output tile instead of 144, as 36 GEMMs over the channels (at::bmm) between an input and an
-output transform written in C++. ``weight`` is the transformed kernel ``U = G w G^T``
+output tile instead of 144, as 36 GEMMs over the channels between an input and an output
+transform written in C++. ``weight`` is the transformed kernel ``U = G w G^T``
 ([36, C_out, C_in], :func:`winograd_weight`), made in float64 once per weight and kept.
+
+The GEMMs: in float32 on a CPU with AVX-512, the kernel's own (csrc/winograd/
+winograd_gemm_avx512.inc), and for narrow layers on large maps (64-128 channels at 80x80 and
+up) a fused schedule in which each thread transforms, multiplies and transforms back blocks of
+tile rows in its own cache; elsewhere (float64, no AVX-512, ``RTDETR_FAST_NO_AVX512=1``)
+``at::bmm``. ``RTDETR_WINO_FUSED=0`` turns the fused schedule off; both give the same bits.
 
 Numerics: exact in exact arithmetic; in float32 the transforms' rounding gives differences of
 about 1e-5 of the output's scale against a direct convolution (the tests bound it), in float64
