@@ -5,6 +5,7 @@
 #include <string>
 
 #include "common/codes.h"
+#include "common/cpu_isa.h"
 
 namespace {
 
@@ -41,10 +42,19 @@ pybind11::dict limits() {
   return d;
 }
 
+// which builds of the CPU kernels run on this machine (chosen at run time, common/cpu_isa.h)
+pybind11::dict cpu_kernels() {
+  pybind11::dict d;
+  d["avx2"] = rtdetr_fast::use_avx2();
+  d["avx512"] = rtdetr_fast::use_avx512();
+  return d;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rtdetr_fast native kernels";
   m.def("build_info", &build_info, "How this extension was built");
   m.def("limits", &limits, "Limits of the native kernels (e.g. the largest top-K K)");
+  m.def("cpu_kernels", &cpu_kernels, "Which builds of the CPU kernels run here (avx2, avx512)");
 }

@@ -318,11 +318,13 @@ class DeployModel(nn.Module):
                           "(RepConv folded, the final decoder layer's detections)", stacklevel=3)
         model = copy.deepcopy(model).float().eval()
         model.deploy()
-        # the exported graph keeps value_proj before the sampling: the export forms and their
-        # runtimes were measured that way
+        # the exported graph keeps value_proj before the sampling (the export forms and their
+        # runtimes were measured that way) and plain aten ops in the stem (no extension op)
         for m in model.modules():
             if hasattr(m, "project_after_sampling"):
                 m.project_after_sampling = False
+        if hasattr(model.backbone, "winograd_stem"):
+            model.backbone.winograd_stem = False
         self.model = model
         self.grid_sample = bool(grid_sample)
         # one sampling method per model (every decoder layer is a copy of one layer)

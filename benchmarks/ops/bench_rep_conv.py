@@ -116,14 +116,14 @@ def _triton_version():
         return None
 
 
-CPU_SHAPES = [(64, 160), (128, 80), (256, 40), (512, 20)]  # r18/r50 backbone and CCFF layers
+CPU_SHAPES = [(32, 320), (64, 160), (128, 80), (256, 40), (512, 20)]  # stem, backbone, CCFF
 
 
 @pytest.mark.parametrize("impl", ["reference", "native"])
 @pytest.mark.parametrize("C,HW", CPU_SHAPES, ids=[f"C{c}-{hw}x{hw}" for c, hw in CPU_SHAPES])
 def test_rep_conv_cpu(benchmark, impl, C, HW):
     """CPU, float32 NCHW, batch 1: the reference (torch's oneDNN convolution, then SiLU) against
-    the native CPU kernel (Winograd F(4x4, 3x3); layers narrower than its MIN_CHANNELS run the
+    the native CPU kernel (Winograd F(4x4, 3x3); layers narrower than its min_channels run the
     reference there too, which the extra info records)."""
     from rtdetr_fast.ops.rep_conv import winograd
 
@@ -144,7 +144,7 @@ def test_rep_conv_cpu(benchmark, impl, C, HW):
         return
     ms = benchmark.stats.stats.median * 1e3
     benchmark.extra_info.update(
-        impl=impl, kernel="winograd" if impl == "native" and C >= winograd.MIN_CHANNELS
+        impl=impl, kernel="winograd" if impl == "native" and C >= winograd.min_channels(x.dtype)
         else "torch conv", shape=f"B=1 C_in=C_out={C} {HW}x{HW}", dtype="float32",
         device="cpu", ms_per_call=round(ms, 3),
         direct_gflops=round(_flops(1, C, C, HW, HW) / (ms * 1e-3) / 1e9, 1),

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
 from ..config import BackboneConfig
 from .common import ConvNormLayer, freeze_batch_norm, get_activation
 
@@ -107,8 +108,9 @@ class PResNet(nn.Module):
         self.out_channels = [self.out_channels[i] for i in self.return_idx]
         self.out_strides = [self.out_strides[i] for i in self.return_idx]
 
-        # set by RTDETR.deploy(): the CPU stem runs channels_last (see forward)
+        # set by RTDETR.deploy() (deploy_stem): the CPU stem's route (see forward)
         self.fast_stem = False
+        self.winograd_stem = False
         if cfg.freeze_at >= 0:
             self._freeze_parameters(self.conv1)
             for i in range(min(cfg.freeze_at, cfg.num_stages)):
@@ -121,13 +123,34 @@ class PResNet(nn.Module):
         for p in m.parameters():
             p.requires_grad_(False)
 
+    def deploy_stem(self) -> None:
+        """Choose the deployed float32 CPU stem's route (RTDETR.deploy calls this): NCHW with
+        the Winograd kernel and the extension's max pool where every 3x3 stride-1 conv of the
+        stem is wide enough for the kernel (32 channels with its AVX-512 build, else 64: see
+        ops.rep_conv.winograd), else channels_last with oneDNN's convolutions."""
+        from ..ops import pool
+        from ..ops.rep_conv import winograd
+
+        convs = [m for m in self.conv1.modules()
+                 if isinstance(m, nn.Conv2d) and winograd.is_conv3x3_same(m)]
+        self.fast_stem = True
+        self.winograd_stem = (winograd.available() and pool.available() and bool(convs) and all(
+            min(m.in_channels, m.out_channels) >= winograd.min_channels(torch.float32)
+            for m in convs))
+
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         if (self.fast_stem and x.device.type == "cpu" and x.dtype == torch.float32
                 and not torch.jit.is_tracing()):
-            # deploy() on the CPU: the stem runs channels_last, the layout oneDNN's convs prefer
-            # and in which the max pool vectorises over channels, and hands on NCHW
-            x = self.conv1(x.contiguous(memory_format=torch.channels_last))
-            x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1).contiguous()
+            if self.winograd_stem:
+                # deploy() on a CPU with the fused float32 Winograd kernel: the stem's 3x3
+                # stride-1 convs run it (NCHW), then the extension's NCHW max pool
+                x = ops.max_pool_3x3_s2(self.conv1(x))
+            else:
+                # deploy() elsewhere on the CPU: the stem runs channels_last, the layout
+                # oneDNN's convs prefer and in which the max pool vectorises over channels,
+                # and hands on NCHW
+                x = self.conv1(x.contiguous(memory_format=torch.channels_last))
+                x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1).contiguous()
         else:
             x = F.max_pool2d(self.conv1(x), kernel_size=3, stride=2, padding=1)
         outs = []

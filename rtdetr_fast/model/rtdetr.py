@@ -255,10 +255,13 @@ class RTDETR(nn.Module):
         run in float64; the float64 test holds them to 1e-10).
 
         On the CPU the deployed forward also takes faster routes to the same function:
-        folded 3x3 stride-1 convs of 64+ channels run the Winograd F(4x4, 3x3) RepConv
+        folded 3x3 stride-1 convs of 64+ channels (32+ in float32 with the kernel's AVX-512
+        build) run the Winograd F(4x4, 3x3) RepConv
         kernel (``ops.rep_conv``; in float32 about 1e-6 relative difference on the encoder's
         features, from the transforms' rounding), other convs (and narrower 3x3 ones) run
-        oneDNN's convolution with their activation fused, the stem runs channels_last, the
+        oneDNN's convolution with their activation fused, the stem runs NCHW on the Winograd
+        kernel and the extension's max pool where its convs are wide enough for the kernel,
+        else channels_last, the
         encoder's box head runs on the top-K selected rows only, and each decoder layer's
         ``value_proj`` runs after the deformable sampling instead of on every memory token
         (``MSDeformableAttention.project_after_sampling``: the same linear function without
@@ -277,8 +280,8 @@ class RTDETR(nn.Module):
         self.eval()
         self.fold_rep_convs()
         fold_batch_norms(self)
-        if hasattr(self.backbone, "fast_stem"):
-            self.backbone.fast_stem = True
+        if hasattr(self.backbone, "deploy_stem"):
+            self.backbone.deploy_stem()
         self.decoder.select_before_box_head = True
         device = next(self.parameters()).device
         for m in self.modules():

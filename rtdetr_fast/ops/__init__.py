@@ -16,10 +16,12 @@ from . import _backend
 from ._backend import available_backends, backend, register
 from .ms_deform_attn import ms_deform_attn_reference
 from .ms_deform_attn.reference import METHODS as MSDA_METHODS
+from .pool import max_pool_3x3_s2
 from .rep_conv import ACTIVATIONS, rep_conv_reference
 from .topk_select import topk_detections_reference, topk_select_reference
 
 __all__ = [
+    "max_pool_3x3_s2",
     "ms_deform_attn",
     "topk_select",
     "topk_detections",

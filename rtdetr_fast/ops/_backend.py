@@ -83,6 +83,16 @@ def limits() -> Dict[str, int]:
     return dict(module.limits()) if module is not None and hasattr(module, "limits") else {}
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_kernels() -> Dict[str, bool]:
+    """Which builds of the CPU kernels run on this machine ({"avx2": ..., "avx512": ...},
+    chosen at run time by the extension); empty without the extension."""
+    module = extension()
+    if module is None or not hasattr(module, "cpu_kernels"):
+        return {}
+    return {k: bool(v) for k, v in module.cpu_kernels().items()}
+
+
 def extension_has(op: str, device_type: str) -> bool:
     """True when the extension registers a kernel of ``rtdetr_fast::op`` for ``device_type``."""
     if extension() is None:

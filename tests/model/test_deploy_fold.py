@@ -83,11 +83,14 @@ def test_deploy_float32_runs_winograd_and_keeps_features():
         want = model.encoder(model.backbone(x))
         model.deploy()
         assert model.backbone.fast_stem
+        # the stem's 32-channel convs take the kernel where its AVX-512 build runs
+        stem = model.backbone.winograd_stem
+        assert stem == (winograd.min_channels(torch.float32) <= 32)
         with profile() as prof:
             got = model.encoder(model.backbone(x))
-    calls = sum(e.count for e in prof.key_averages()
-                if e.key == "rtdetr_fast::winograd_conv3x3")
-    assert calls >= 15
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("rtdetr_fast::winograd_conv3x3", 0) >= 15 + 2 * stem
+    assert counts.get("rtdetr_fast::max_pool3x3s2", 0) == int(stem)
     for g, w in zip(got, want):
         assert g.is_contiguous()
         assert (g - w).abs().max().item() <= 1e-4 * w.abs().max().item()

@@ -113,5 +113,6 @@ def test_deploy_sets_it_on_the_cpu_and_export_keeps_the_projection_first():
     exported = DeployModel(model)
     assert not any(m.project_after_sampling for m in exported.modules()
                    if isinstance(m, MSDeformableAttention))
+    assert not exported.model.backbone.winograd_stem  # no extension op in the exported stem
     model.deploy()
     assert all(m.project_after_sampling for m in layers)

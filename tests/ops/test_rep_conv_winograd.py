@@ -236,3 +236,21 @@ def test_compiled_fullgraph_equals_eager():
         eager = f(x)
         compiled = torch.compile(f, fullgraph=True, dynamic=False)(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_min_channels_follows_the_avx512_build():
+    """32-channel layers take the kernel in float32 where its AVX-512 build (the fused
+    schedule) runs; 64 elsewhere and in float64."""
+    from torch.profiler import profile
+
+    avx512 = _backend.cpu_kernels().get("avx512", False)
+    assert wg.min_channels(torch.float64) == wg.MIN_CHANNELS == 64
+    assert wg.min_channels(torch.float32) == (wg.MIN_CHANNELS_FUSED if avx512 else 64)
+    for dtype in (torch.float32, torch.float64):
+        x, w, b = _inputs(1, 32, 9, 7, 32, dtype)
+        with torch.no_grad(), profile() as prof:
+            out = ops.rep_conv(x, w, b, "relu")
+        ran = any(e.key == "rtdetr_fast::winograd_conv3x3" for e in prof.key_averages())
+        assert ran == (avx512 and dtype == torch.float32), dtype
+        ref = _direct64(x, w, b, "relu")
+        assert (out.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()

@@ -6,7 +6,7 @@
 CUDA: ``rep_conv``, x and weight channels_last, float16/bfloat16, C_in % 8 == 0; the result is
 channels_last (mma.sync tensor cores, bias + activation in the epilogue). CPU:
 ``winograd_conv3x3``, Winograd F(4x4, 3x3) for float32/float64 NCHW inference with C_in and
-C_out of at least ``winograd.MIN_CHANNELS`` (see winograd.py); the float32 inference calls it
+C_out of at least ``winograd.min_channels(dtype)`` (see winograd.py); the float32 inference calls it
 does not cover (layers under that width, the channels_last stem's among them) run oneDNN's
 convolution with the activation fused (onednn.py), the reference's function in one pass. The
 fake (meta) implementations are registered once, when rtdetr_fast._C loads (the schemas exist

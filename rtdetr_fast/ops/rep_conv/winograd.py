@@ -16,14 +16,16 @@ tile rows in its own cache; elsewhere (float64, no AVX-512, ``RTDETR_FAST_NO_AVX
 Numerics: exact in exact arithmetic; in float32 the transforms' rounding gives differences of
 about 1e-5 of the output's scale against a direct convolution (the tests bound it), in float64
 about 1e-13. It runs for inference only (no gradient), float32 and float64, NCHW; calls it does
-not cover, and channel counts below :data:`MIN_CHANNELS`, run the reference (ops.rep_conv's
+not cover, and channel counts below :func:`min_channels`, run the reference (ops.rep_conv's
 native backend sends the narrow float32 ones to oneDNN, see native.py). At 64 channels the kernel
 wins (64 ch 160x160 with SiLU: 3.8 ms against 6.5 ms for torch's conv then SiLU,
-benchmarks/results/cpu-xeon-wino64-silu-2026-12-06.md); the stem's 32-channel convs stay on
+benchmarks/results/cpu-xeon-wino64-silu-2026-12-06.md). At 32 channels it wins only with the
+fused schedule (float32, AVX-512), where the stem's convs take it too; elsewhere they stay on
 oneDNN's channels_last convolution, which was faster there.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -35,8 +37,13 @@ _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
       (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 
 MIN_CHANNELS = 64  # C_in or C_out below this: the direct convolution
+# ... except in float32 where the AVX-512 GEMMs and the fused schedule run (the stem's 32-channel
+# convs at 320x320: 5.4 and 9.3 ms against 9.4 and 23.6 ms for oneDNN's channels_last conv in
+# one run on a 2-core AMD EPYC)
+MIN_CHANNELS_FUSED = 32
 _DTYPES = (torch.float32, torch.float64)
 _registered = False
+_avx512 = False  # whether the extension's AVX-512 kernels run (read when it loads)
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -52,10 +59,13 @@ def _fake(x, weight, bias, activation):
 
 
 def _register_python_side() -> None:
-    global _registered
+    global _registered, _avx512
     if _registered:
         return
     torch.library.register_fake("rtdetr_fast::winograd_conv3x3")(_fake)
+    # read once here, not in min_channels: a compiled forward must not call into the extension
+    module = importlib.import_module("rtdetr_fast._C")
+    _avx512 = bool(getattr(module, "cpu_kernels", dict)().get("avx512", False))
     _registered = True
 
 
@@ -73,11 +83,20 @@ def available() -> bool:
     return _backend.extension_has("winograd_conv3x3", "cpu")
 
 
+def min_channels(dtype: torch.dtype) -> int:
+    """The narrowest C_in and C_out the kernel takes in ``dtype``: :data:`MIN_CHANNELS_FUSED`
+    in float32 on a CPU whose AVX-512 kernels run, else :data:`MIN_CHANNELS`."""
+    if dtype == torch.float32 and _avx512:
+        return MIN_CHANNELS_FUSED
+    return MIN_CHANNELS
+
+
 def covers(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether the Winograd kernel runs this call (else the reference does)."""
     if x.device.type != "cpu" or x.dtype not in _DTYPES:
         return False
-    if x.shape[1] < MIN_CHANNELS or weight.shape[0] < MIN_CHANNELS:
+    narrowest = min_channels(x.dtype)
+    if x.shape[1] < narrowest or weight.shape[0] < narrowest:
         return False
     return not (torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))
@@ -109,7 +128,7 @@ def prepare(module: torch.nn.Module) -> int:
     n = 0
     for m in module.modules():
         if (isinstance(m, torch.nn.Conv2d) and is_conv3x3_same(m)
-                and min(m.in_channels, m.out_channels) >= MIN_CHANNELS
+                and min(m.in_channels, m.out_channels) >= min_channels(m.weight.dtype)
                 and m.weight.device.type == "cpu" and m.weight.dtype in _DTYPES):
             with torch.no_grad():
                 _transformed(m.weight)
