@@ -284,6 +284,10 @@ def rep_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 
     x [B,C_in,H,W] (channels_last is the kernels' layout); weight [C_out,C_in,3,3]; bias [C_out].
     activation is one of 'silu', 'relu', 'identity'.
+
+    Under torch.autocast on x's device, x, weight and bias are cast to the autocast dtype first,
+    as autocast does for F.conv2d (a float32 weight meets a bfloat16 activation in a model
+    deployed and then run under ``torch.autocast("cpu", torch.bfloat16)``).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -294,5 +298,9 @@ def rep_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
                          f"{_shape(weight)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be [C_out] = [{weight.shape[0]}], got {_shape(bias)}")
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     fn = _backend.select("rep_conv", x.device.type)
     return fn(x, weight, bias, activation)

@@ -38,6 +38,29 @@ def test_compile_cpu_inductor_equals_eager():
         torch.testing.assert_close(got2[k], got[k])
 
 
+def test_cpu_bfloat16_autocast_deployed_and_compiled():
+    """The documented CPU bfloat16 path: the deployed convs meet bfloat16 activations under
+    autocast (ops.rep_conv casts as autocast does for conv2d; it raised a dtype mismatch
+    before). The encoder's features stay within bfloat16 rounding of float32 eval mode, and
+    rtdetr_fast.compile(..., dtype=torch.bfloat16) runs the whole forward to finite outputs.
+    (Detections are not compared: random weights leave near-ties in the top-K.)"""
+    model = tiny_model()
+    x = torch.rand(1, 3, 96, 128)
+    with torch.no_grad():
+        want = model.encoder(model.backbone(x))
+        deployed = copy.deepcopy(model).deploy()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = deployed.encoder(deployed.backbone(x))
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        assert (g.float() - w).abs().max().item() <= 0.03 * w.abs().max().item()
+    torch._dynamo.reset()
+    fast = rtdetr_fast.compile(copy.deepcopy(model), dtype=torch.bfloat16)
+    out = fast(x)
+    assert out["pred_boxes"].shape == (1, 20, 4)
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
 def test_compile_rejects_float16_on_cpu():
     with pytest.raises(ValueError, match="float16"):
         rtdetr_fast.compile(tiny_model(), dtype=torch.float16)
