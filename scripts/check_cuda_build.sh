@@ -3,7 +3,8 @@
 # In a throwaway venv: install the newest CUDA build of torch from the registry, build this
 # package exactly as the README says (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST="8.0;9.0", pip install
 # --no-build-isolation), check that the extension reports CUDA and that every op has a CUDA
-# kernel registered (the CPU-only Winograd kernel of rep_conv: a CPU one), then run the CPU test suite with that build and that torch (the CUDA build
+# kernel registered (the CPU-only Winograd kernel of rep_conv and the stem's max pool: a CPU
+# one), then run the CPU test suite with that build and that torch (the CUDA build
 # of torch runs CPU tests fine), so a torch API change shows up here, not at a user's install.
 # The venv and the copy of the tree are removed afterwards.
 #   env: RTDETR_FAST_CI_TORCH=2.15.0 to pin the torch release (default: newest on the registry)
@@ -58,8 +59,9 @@ assert info["cuda"] is True, "extension built without CUDA"
 ops = sorted(n for n in torch._C._dispatch_get_all_op_names()
              if n.startswith("rtdetr_fast::") and "_triton" not in n)
 assert ops, "no rtdetr_fast ops registered"
-# CPU-only by design: the CPU kernel of rep_conv (Winograd); on CUDA rep_conv has its own
-CPU_ONLY = {"rtdetr_fast::winograd_conv3x3"}
+# CPU-only by design: the CPU kernel of rep_conv (Winograd; on CUDA rep_conv has its own) and
+# the deployed CPU stem's NCHW max pool (CUDA runs torch's)
+CPU_ONLY = {"rtdetr_fast::winograd_conv3x3", "rtdetr_fast::max_pool3x3s2"}
 for n in sorted(CPU_ONLY):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU"), f"{n} has no CPU kernel"
 missing = [n for n in ops if n not in CPU_ONLY
