@@ -288,6 +288,33 @@ def test_cpu_backward_deterministic():
 
 
 @needs_native
+@pytest.mark.parametrize("B,H", [(1, 8), (2, 6), (3, 5)])
+def test_cpu_results_do_not_depend_on_thread_count(B, H):
+    # the CPU backward splits heads into per-task groups by batch size and thread count (all H
+    # heads per task at B >= threads, fewer when B is small; H=5 has no divisor between 1 and
+    # 5): every split must give the same bits, as every value row sums its terms in the same
+    # order. The forward's row order is checked alongside.
+    inputs = make_inputs(B, 9, H, 8, [(6, 7), (3, 3)], 3, dtype=torch.float32, lo=-0.1, hi=1.1)
+    g = torch.randn(B, 9, H * 8, generator=torch.Generator().manual_seed(2))
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3, 4, 16):
+            torch.set_num_threads(threads)
+            results.append(run("native", *inputs, grad_out=g))
+    finally:
+        torch.set_num_threads(before)
+    out0, grads0 = results[0]
+    for out, grads in results[1:]:
+        assert torch.equal(out, out0)
+        for a, b in zip(grads, grads0):
+            assert torch.equal(a, b)
+    _, ref = run("reference", *inputs, grad_out=g)
+    for a, b in zip(grads0, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@needs_native
 def test_cpu_backward_large_value_gradient():
     # a value gradient of 8 MiB and more takes the huge-page, parallel-zeroed allocation
     # (csrc/common/cpu_alloc.h): untouched rows must be exact zeros, touched ones as the reference
