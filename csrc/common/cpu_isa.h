@@ -10,13 +10,18 @@
 
 namespace rtdetr_fast {
 
+// Whether the environment variable `name` is set to a value starting with '1'.
+inline bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] == '1';
+}
+
 // Whether to run the AVX2+FMA copies: the CPU has both, and RTDETR_FAST_NO_AVX2=1 (the tests
 // run both builds) is not set.
 inline bool use_avx2() {
 #ifdef RTDETR_CPU_AVX2
   static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          !(std::getenv("RTDETR_FAST_NO_AVX2") &&
-                            std::getenv("RTDETR_FAST_NO_AVX2")[0] == '1');
+                          !env_flag("RTDETR_FAST_NO_AVX2");
   return yes;
 #else
   return false;
@@ -28,8 +33,7 @@ inline bool use_avx2() {
 inline bool use_avx512() {
 #ifdef RTDETR_CPU_AVX2
   static const bool yes = use_avx2() && __builtin_cpu_supports("avx512f") &&
-                          !(std::getenv("RTDETR_FAST_NO_AVX512") &&
-                            std::getenv("RTDETR_FAST_NO_AVX512")[0] == '1');
+                          !env_flag("RTDETR_FAST_NO_AVX512");
   return yes;
 #else
   return false;

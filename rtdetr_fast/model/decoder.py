@@ -105,7 +105,6 @@ class MSDeformableAttention(nn.Module):
             value = self.value_proj(value).reshape(B, value.shape[1], H, self.head_dim)
         offsets = self.sampling_offsets(query).reshape(B, Q, H, N, 2)
         weights = F.softmax(self.attention_weights(query).reshape(B, Q, H, N), dim=-1)
-        method = {} if self.method == "default" else {"method": self.method}
         if self._v1_math:
             P = self.num_points
             offsets = offsets.reshape(B, Q, H, L, P, 2)
@@ -125,13 +124,8 @@ class MSDeformableAttention(nn.Module):
             else:
                 raise ValueError(f"reference_points must end in 2 or 4, got "
                                  f"{reference_points.shape}")
-            if late:
-                out = self._sample_then_project(memory, spatial_shapes, level_start_index,
-                                                locations, weights, None)
-            else:
-                out = ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations,
-                                         weights, **method)
-            return self.output_proj(out)
+            return self.output_proj(self._attend(memory if late else value, late, spatial_shapes,
+                                                 level_start_index, locations, weights, None))
         if reference_points.shape[-1] != 4:
             raise ValueError(f"reference_points must be boxes [B, Q, 1, 4] with per-level point "
                              f"counts, got {list(reference_points.shape)}")
@@ -139,13 +133,22 @@ class MSDeformableAttention(nn.Module):
         scale = self.num_points_scale.to(dtype=query.dtype).unsqueeze(-1)
         locations = (reference_points[:, :, None, :, :2]
                      + offsets * scale * reference_points[:, :, None, :, 2:] * self.offset_scale)
+        return self.output_proj(self._attend(memory if late else value, late, spatial_shapes,
+                                             level_start_index, locations, weights,
+                                             self.num_points_list))
+
+    def _attend(self, value, late, spatial_shapes, level_start_index, locations, weights,
+                num_points_list):
+        """The deformable attention of projected heads ``value`` [B,S,H,D], or with ``late`` of
+        the unprojected memory [B,S,C] (value_proj after the sampling)."""
         if late:
-            out = self._sample_then_project(memory, spatial_shapes, level_start_index, locations,
-                                            weights, self.num_points_list)
-        else:
-            out = ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations,
-                                     weights, num_points_list=self.num_points_list, **method)
-        return self.output_proj(out)
+            return self._sample_then_project(value, spatial_shapes, level_start_index, locations,
+                                             weights, num_points_list)
+        kw = {} if self.method == "default" else {"method": self.method}
+        if num_points_list is not None:
+            kw["num_points_list"] = num_points_list
+        return ops.ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights,
+                                  **kw)
 
     def _sample_then_project(self, memory, spatial_shapes, level_start_index, locations, weights,
                              num_points_list):
@@ -155,11 +158,8 @@ class MSDeformableAttention(nn.Module):
         Q, H, D = locations.shape[1], self.num_heads, self.head_dim
         loc = locations.reshape(B, Q * H, 1, *locations.shape[3:])
         w = weights.reshape(B, Q * H, 1, *weights.shape[3:])
-        kw = {} if self.method == "default" else {"method": self.method}
-        if num_points_list is not None:
-            kw["num_points_list"] = num_points_list
-        sampled = ops.ms_deform_attn(memory.reshape(B, S, 1, C), spatial_shapes,
-                                     level_start_index, loc, w, **kw).reshape(B, Q, H, C)
+        sampled = self._attend(memory.reshape(B, S, 1, C), False, spatial_shapes,
+                               level_start_index, loc, w, num_points_list).reshape(B, Q, H, C)
         out = torch.einsum("bqhc,hdc->bqhd", sampled, self.value_proj.weight.reshape(H, D, C))
         if self.value_proj.bias is not None:
             mass = sampled_mass(spatial_shapes, locations, weights, num_points_list, self.method)
