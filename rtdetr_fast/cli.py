@@ -611,7 +611,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from .config import list_presets
 
-    p = _Parser(prog="rtdetr-fast", description=__doc__.split("\n")[0])
+    p = _Parser(prog="rtdetr-fast",
+                description="RT-DETR object detection: train, evaluate, predict, export and "
+                            "benchmark. `rtdetr-fast VERB --help` for a verb's options.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def model_args(sp, size=DEFAULT_SIZE):

@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .. import ops
 from ..ops.rep_conv import onednn
+from ..ops.rep_conv import winograd
 from ..ops.rep_conv.winograd import is_conv3x3_same
 
 
@@ -105,6 +106,10 @@ class ConvNormLayer(nn.Module):
                     and onednn.fusable(x, c.weight, c.bias, c.padding_mode)):
                 return onednn.conv_act(x, c.weight, c.bias, c.stride, c.padding, c.dilation,
                                        c.groups, name)
+        elif winograd.trains(x, self.conv):
+            # training on the CPU: the Winograd kernel runs the forward and the input gradient
+            return self.act(self.norm(winograd.conv3x3_train(x, self.conv.weight,
+                                                             self.conv.bias)))
         return self.act(self.norm(self.conv(x)))
 
     def _rep_conv_act(self):

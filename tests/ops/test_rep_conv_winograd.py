@@ -254,3 +254,90 @@ def test_min_channels_follows_the_avx512_build():
         assert ran == (avx512 and dtype == torch.float32), dtype
         ref = _direct64(x, w, b, "relu")
         assert (out.double() - ref).abs().max().item() <= 2e-5 * ref.abs().max().item()
+
+
+# ---- training: conv3x3_train (forward and input gradient on the kernel) ----------------------
+
+@pytest.mark.parametrize("transpose_flip", [False, True])
+def test_fast_weight_transform_matches_float64_one(transpose_flip):
+    w = torch.randn(7, 5, 3, 3, generator=torch.Generator().manual_seed(3))
+    ref = wg.winograd_weight(w.transpose(0, 1).flip(2, 3) if transpose_flip else w)
+    got = wg.winograd_weight_fast(w, transpose_flip=transpose_flip)
+    assert got.shape == ref.shape == ((36, 5, 7) if transpose_flip else (36, 7, 5))
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    w64 = w.double()
+    torch.testing.assert_close(wg.winograd_weight_fast(w64, transpose_flip=transpose_flip),
+                               wg.winograd_weight(w64.transpose(0, 1).flip(2, 3)
+                                                  if transpose_flip else w64),
+                               atol=1e-14, rtol=1e-14)
+
+
+def test_train_conv_gradcheck_float64():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(wg.conv3x3_train, (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: wg.conv3x3_train(x, w, None), (x, w))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(2, 32, 13, 17, 48), (1, 64, 40, 40, 32), (3, 40, 9, 22, 40)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_train_conv_float32_matches_direct(shape, bias):
+    x, w, b = _inputs(*shape, torch.float32, bias=bias, seed=5)
+    leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    out = wg.conv3x3_train(leaves[0], leaves[1], leaves[2] if bias else None)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+    grads = torch.autograd.grad(out, leaves, grad)
+    ref_leaves = [t.double().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    ref = F.conv2d(ref_leaves[0], ref_leaves[1], ref_leaves[2] if bias else None, padding=1)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
+    for got, want in [(out, ref)] + list(zip(grads, ref_grads)):
+        scale = max(want.abs().max().item(), 1.0)
+        assert got.dtype == torch.float32
+        assert (got.double() - want).abs().max().item() <= 2e-5 * scale
+
+
+def test_trains_only_where_it_should():
+    conv = torch.nn.Conv2d(64, 64, 3, 1, 1, bias=False)
+    x = torch.randn(1, 64, 64, 64)
+    if wg.min_channels(torch.float32) > 64:
+        pytest.skip("this build's kernel takes 64 channels only from the fused AVX-512 path")
+    assert wg.trains(x, conv)  # the weight needs a gradient
+    with torch.no_grad():
+        assert not wg.trains(x, conv)
+    with ops.backend("reference"):
+        assert not wg.trains(x, conv)
+    assert not wg.trains(torch.randn(1, 64, 40, 40), conv)  # 1600 pixels < MIN_TRAIN_PIXELS
+    assert not wg.trains(x.double(), conv.double())
+    assert not wg.trains(x, torch.nn.Conv2d(64, 64, 3, 2, 1))
+    narrow = torch.nn.Conv2d(64, 8, 3, 1, 1)
+    assert not wg.trains(x, narrow)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert not wg.trains(x, conv)
+
+
+def test_training_model_layer_takes_the_kernel(monkeypatch):
+    """A ConvNormLayer in training mode runs conv3x3_train, and its gradients match the
+    oneDNN path's within float32 rounding."""
+    from rtdetr_fast.model.common import ConvNormLayer
+    if wg.min_channels(torch.float32) > 32:
+        pytest.skip("32-channel layers take the kernel only with its AVX-512 build")
+    torch.manual_seed(7)
+    layer = ConvNormLayer(32, 32, 3, 1, act="relu").train()
+    x = torch.randn(2, 32, 48, 48, requires_grad=True)
+    calls = []
+    real = wg.conv3x3_train
+    monkeypatch.setattr(wg, "conv3x3_train", lambda *a: calls.append(1) or real(*a))
+    out = layer(x)
+    got = torch.autograd.grad(out.square().sum(), (x, layer.conv.weight))
+    assert calls == [1]
+    with ops.backend("reference"):
+        ref_out = layer(x)
+        want = torch.autograd.grad(ref_out.square().sum(), (x, layer.conv.weight))
+    assert calls == [1]
+    torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-3 * b.abs().max().item(), rtol=1e-3)

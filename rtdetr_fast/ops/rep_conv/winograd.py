@@ -15,9 +15,12 @@ tile rows in its own cache; elsewhere (float64, no AVX-512, ``RTDETR_FAST_NO_AVX
 
 Numerics: exact in exact arithmetic; in float32 the transforms' rounding gives differences of
 about 1e-5 of the output's scale against a direct convolution (the tests bound it), in float64
-about 1e-13. It runs for inference only (no gradient), float32 and float64, NCHW; calls it does
-not cover, and channel counts below :func:`min_channels`, run the reference (ops.rep_conv's
-native backend sends the narrow float32 ones to oneDNN, see native.py). At 64 channels the kernel
+about 1e-13. ops.rep_conv runs it for inference only (no gradient), float32 and float64, NCHW;
+calls it does not cover, and channel counts below :func:`min_channels`, run the reference
+(ops.rep_conv's native backend sends the narrow float32 ones to oneDNN, see native.py).
+Training on the CPU takes it through :func:`conv3x3_train` (an autograd Function: the kernel runs
+the forward and the input gradient, oneDNN the weight gradient), which the model's 3x3 stride-1
+ConvNormLayers use in float32 when :func:`trains` says so. At 64 channels the kernel
 wins (64 ch 160x160 with SiLU: 3.8 ms against 6.5 ms for torch's conv then SiLU,
 benchmarks/results/cpu-xeon-wino64-silu-2026-12-06.md). At 32 channels it wins only with the
 fused schedule (float32, AVX-512), where the stem's convs take it too; elsewhere they stay on
@@ -142,3 +145,90 @@ def rep_conv_winograd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return torch.ops.rtdetr_fast.winograd_conv3x3(
         x.contiguous(), _transformed(weight), None if bias is None else bias.contiguous(),
         activation)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: the kernel inside an autograd Function (float32, CPU)
+#
+# A 3x3 stride-1 conv's input gradient is the same conv of the output gradient with the kernel
+# transposed and flipped, so the kernel runs the forward and that half of the backward; the
+# weight gradient is oneDNN's (aten.convolution_backward). The weights change every step, so
+# their transforms are made per call in float32, as one [C_out*C_in, 9] x [9, 36] GEMM
+# (kron(G, G)), not in float64 as the inference path keeps them.
+
+def _kron_g(dtype: torch.dtype, device) -> torch.Tensor:
+    # U[e] = sum_f kron(G, G)[e, f] w[f], e = 6*row + column, f = 3*row + column
+    G = torch.tensor(_G, dtype=torch.float64)
+    return torch.kron(G, G).to(device=device, dtype=dtype)  # [36, 9]
+
+
+def winograd_weight_fast(weight: torch.Tensor, transpose_flip: bool = False) -> torch.Tensor:
+    """U = G w G^T of a [C_out, C_in, 3, 3] kernel in ``weight``'s own dtype, as one
+    [36, 9] x [9, C_out*C_in] GEMM: [36, C_out, C_in], the layout of :func:`winograd_weight`,
+    differing from it by the dtype's rounding. ``transpose_flip``: the transform of
+    ``weight.transpose(0, 1).flip(2, 3)`` instead ([36, C_in, C_out], the kernel of the input
+    gradient), the flip folded into the 9 columns' order."""
+    K, C = weight.shape[:2]
+    kron = _kron_g(weight.dtype, weight.device)
+    w = weight.detach()
+    if transpose_flip:
+        kron = kron.flip(1)  # (2 - row, 2 - column) is 8 - f
+        w = w.transpose(0, 1)
+        K, C = C, K
+    return (kron @ w.reshape(K * C, 9).t()).reshape(36, K, C)
+
+
+class _Conv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x = x.contiguous()
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.rtdetr_fast.winograd_conv3x3(
+            x, winograd_weight_fast(weight), None if bias is None else bias.detach().contiguous(),
+            "identity")
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.rtdetr_fast.winograd_conv3x3(
+                grad_y, winograd_weight_fast(weight, transpose_flip=True), None, "identity")
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(
+                grad_y, x, weight.detach(), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                [False, True, False])[1]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_y.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b
+
+
+# The least B*H*W for the training path: below it (20x20 maps at batch 2) the per-call weight
+# transforms and the short tile strips made forward+backward slower than oneDNN's in one run
+# on a 2-core AMD EPYC (512 ch 20x20: 73-77 against 58-65 ms), from 40x40 at batch 2 even or
+# faster (256 ch 40x40: 52 against 61 ms; 64 ch 160x160: 42-47 against 65 ms).
+MIN_TRAIN_PIXELS = 3200
+
+
+def trains(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
+    """Whether :func:`conv3x3_train` runs ``conv(x)``: a gradient is needed, float32 on the
+    CPU, 3x3 stride 1 padding 1, both widths at least :func:`min_channels`, B*H*W at least
+    :data:`MIN_TRAIN_PIXELS`, the extension's kernel present, the backend not forced to the
+    reference, no autocast, and not inside torch.compile."""
+    w = conv.weight
+    return (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+            and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32
+            and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] >= MIN_TRAIN_PIXELS
+            and is_conv3x3_same(conv)
+            and min(conv.in_channels, conv.out_channels) >= min_channels(torch.float32)
+            and not torch.compiler.is_compiling() and _backend.current() in ("auto", "native")
+            and not torch.is_autocast_enabled("cpu") and available())
+
+
+def conv3x3_train(x: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """conv2d(x, weight, bias, stride 1, padding 1) with gradients, on the Winograd kernel
+    (forward and input gradient); callers check :func:`trains` first."""
+    return _Conv3x3.apply(x, weight, bias)
