@@ -106,8 +106,9 @@ class ConvNormLayer(nn.Module):
                     and onednn.fusable(x, c.weight, c.bias, c.padding_mode)):
                 return onednn.conv_act(x, c.weight, c.bias, c.stride, c.padding, c.dilation,
                                        c.groups, name)
-        elif winograd.trains(x, self.conv):
+        elif self.training and winograd.trains(x, self.conv):
             # training on the CPU: the Winograd kernel runs the forward and the input gradient
+            # (eval mode, gradients or not, keeps the direct convolution: the official numbers)
             return self.act(self.norm(winograd.conv3x3_train(x, self.conv.weight,
                                                              self.conv.bias)))
         return self.act(self.norm(self.conv(x)))

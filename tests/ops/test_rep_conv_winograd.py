@@ -341,3 +341,6 @@ def test_training_model_layer_takes_the_kernel(monkeypatch):
     torch.testing.assert_close(out, ref_out, atol=1e-4, rtol=1e-4)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-3 * b.abs().max().item(), rtol=1e-3)
+    layer.eval()  # eval mode keeps the direct convolution, gradients or not
+    layer(x).sum().backward()
+    assert calls == [1]
