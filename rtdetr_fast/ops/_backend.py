@@ -97,13 +97,18 @@ def extension_has(op: str, device_type: str) -> bool:
     """True when the extension registers a kernel of ``rtdetr_fast::op`` for ``device_type``."""
     if extension() is None:
         return False
+    return registered(op, device_type)
+
+
+def registered(op: str, device_type: str) -> bool:
+    """Whether a kernel of ``rtdetr_fast::op`` for ``device_type`` is registered now, without
+    loading the extension (for its on-load hooks)."""
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
-    name = f"rtdetr_fast::{op}"
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
-    except RuntimeError:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"rtdetr_fast::{op}", key)
+    except RuntimeError:  # no such op (an extension built before it existed)
         return False
 
 

@@ -28,11 +28,7 @@ def _register_python_side() -> None:
     global _registered, _kernel
     if _registered:
         return
-    try:
-        _kernel = torch._C._dispatch_has_kernel_for_dispatch_key("rtdetr_fast::max_pool3x3s2",
-                                                                 "CPU")
-    except RuntimeError:  # an extension built before the op existed
-        _kernel = False
+    _kernel = _backend.registered("max_pool3x3s2", "cpu")
     if _kernel:
         torch.library.register_fake("rtdetr_fast::max_pool3x3s2")(_fake)
     _registered = True
