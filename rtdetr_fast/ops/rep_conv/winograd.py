@@ -208,7 +208,9 @@ class _Conv3x3(torch.autograd.Function):
 # The least B*H*W for the training path: below it (20x20 maps at batch 2) the per-call weight
 # transforms and the short tile strips made forward+backward slower than oneDNN's in one run
 # on a 2-core AMD EPYC (512 ch 20x20: 73-77 against 58-65 ms), from 40x40 at batch 2 even or
-# faster (256 ch 40x40: 52 against 61 ms; 64 ch 160x160: 42-47 against 65 ms).
+# faster (256 ch 40x40: 52 against 61 ms; 64 ch 160x160: 42-47 against 65 ms). At batch 8 the
+# 20x20 maps reach the bound and win too (512 ch: 185-202 against 231 ms; 256 ch: 54 against
+# 58 ms).
 MIN_TRAIN_PIXELS = 3200
 
 
