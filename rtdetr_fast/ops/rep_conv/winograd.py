@@ -153,7 +153,7 @@ def rep_conv_winograd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 # A 3x3 stride-1 conv's input gradient is the same conv of the output gradient with the kernel
 # transposed and flipped, so the kernel runs the forward and that half of the backward; the
 # weight gradient is oneDNN's (aten.convolution_backward). The weights change every step, so
-# their transforms are made per call in float32, as one [C_out*C_in, 9] x [9, 36] GEMM
+# their transforms are made per call in float32, as one [36, 9] x [9, C_out*C_in] GEMM
 # (kron(G, G)), not in float64 as the inference path keeps them.
 
 def _kron_g(dtype: torch.dtype, device) -> torch.Tensor:
