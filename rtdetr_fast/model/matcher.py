@@ -5,7 +5,6 @@ from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
-from scipy.optimize import linear_sum_assignment
 
 from .common import box_cxcywh_to_xyxy, generalized_box_iou
 
@@ -33,6 +32,9 @@ class HungarianMatcher(nn.Module):
     def forward(self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]]
                 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Per image (prediction indices, target indices), both int64, of equal length."""
+        # imported here: inference (import rtdetr_fast) must not need scipy, only training
+        from scipy.optimize import linear_sum_assignment
+
         logits = outputs["pred_logits"].float()
         boxes = outputs["pred_boxes"].float()
         out = []
