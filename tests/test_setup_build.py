@@ -66,10 +66,17 @@ def _run_setup(tmp_path, version, cuda, env_extra=None, path_prefix=None):
 
 
 def test_torch_older_than_supported_is_one_clear_error(tmp_path):
-    r = _run_setup(tmp_path, "2.12.1+cpu", None)
+    r = _run_setup(tmp_path, "2.10.1+cpu", None)
     assert r.returncode != 0
-    assert "needs torch >= 2.13" in r.stderr and "torch 2.12.1+cpu" in r.stderr
+    assert "needs torch >= 2.11" in r.stderr and "torch 2.10.1+cpu" in r.stderr
     assert "RTDETR_FAST_NO_EXT=1" in r.stderr
+
+
+def test_oldest_supported_torch_builds(tmp_path):
+    # the GPU image's torch (2.11, C++17 extensions): accepted, standard left to torch
+    r = _run_setup(tmp_path, "2.11.0+cpu", None)
+    assert r.returncode == 0, r.stderr
+    assert "building the CPU extension" in r.stderr
 
 
 def test_cpu_build_leaves_the_cxx_standard_to_torch(tmp_path):
