@@ -17,6 +17,7 @@ import contextvars
 import functools
 import importlib
 import os
+import sys
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -180,8 +181,19 @@ def _selected_name_eager(op: str, device_type: str) -> str:
     return next(name for name, (impl, _) in _REGISTRY[op].items() if impl is fn)
 
 
+def _assume_constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)`` without importing torch._dynamo when it
+    is not loaded yet: that import costs more than the rest of the package. The marker set here
+    is the one that decorator sets (tests/ops/test_backend.py compares the two), and dynamo,
+    once something compiles, reads it from the function."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
 # decorated here, at import: dynamo refuses to trace the decorator itself
-_selected_name = torch.compiler.assume_constant_result(_selected_name_eager)
+_selected_name = _assume_constant_result(_selected_name_eager)
 
 
 def _select(op: str, device_type: str) -> Callable:
