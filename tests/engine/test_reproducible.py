@@ -214,3 +214,132 @@ def test_resume_takes_the_saved_seed_and_warns_about_another(tmp_path, make_scal
     other = Trainer(make_scalar_model(), [batch], TrainConfig(epochs=2, output_dir=str(tmp_path), seed=2))
     with pytest.warns(RuntimeWarning, match="trained with seed 1"):
         other.resume(str(tmp_path / "last.pth"))
+
+
+# The CLI in a fresh process, counting which kernels ran: the resume tests below must take the
+# CPU kernels whose routing once depended on what had run before in the process (the AVX-512
+# Winograd training convolutions, the native deformable attention). Nothing here loads the
+# extension before the CLI does.
+_COUNTING = textwrap.dedent("""
+    import collections, json, os, signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    from rtdetr_fast.engine import train
+    from rtdetr_fast.ops import _backend
+    from rtdetr_fast.ops.rep_conv import winograd
+    counts = collections.Counter()
+    at = int(os.environ["INTERRUPT_AT_STEP"])
+    step = train.Trainer.train_step
+    def train_step(self, *a):
+        if self.step == at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, *a)
+    train.Trainer.train_step = train_step
+    conv = winograd.conv3x3_train
+    def conv3x3_train(*a, **k):
+        counts["winograd_train"] += 1
+        return conv(*a, **k)
+    winograd.conv3x3_train = conv3x3_train
+    select = _backend.select
+    def counted_select(op, device_type):
+        fn = select(op, device_type)
+        counts[op + ":" + _backend._selected_name_eager(op, device_type)] += 1
+        return fn
+    _backend.select = counted_select
+    from rtdetr_fast.cli import main
+    try:
+        rc = main(sys.argv[1:])
+    finally:
+        counts["avx512"] = int(bool(_backend.cpu_kernels().get("avx512")))
+        with open(os.environ["COUNTS_FILE"], "w") as f:
+            json.dump(counts, f)
+    sys.exit(rc)
+""")
+
+
+def _counted_cli(args, counts_file, interrupt_at=None):
+    env = dict(os.environ, INTERRUPT_AT_STEP=str(-1 if interrupt_at is None else interrupt_at),
+               COUNTS_FILE=str(counts_file))
+    env.pop("RTDETR_FAST_NO_AVX512", None)
+    env.pop("RTDETR_FAST_BACKEND", None)
+    run = subprocess.run([sys.executable, "-c", _COUNTING, *args], env=env,
+                         capture_output=True, text=True, timeout=900)
+    return run, json.load(open(counts_file))
+
+
+def _needs_avx512():
+    from rtdetr_fast.ops import _backend
+    if not _backend.cpu_kernels().get("avx512"):
+        pytest.skip("the CPU kernels' AVX-512 build does not run on this CPU (or is turned off), "
+                    "so the Winograd training path at 32 channels cannot be taken here")
+
+
+# 128x128 at batch 2: the stem's 32- and 64-channel 3x3 convs at 64x64 take the AVX-512 Winograd
+# training kernel (B*H*W = 8192); the decoder's deformable attention the native CPU kernel
+KERNEL_SIZE = ["--preset", "rtdetr_r18vd", "--size", "128", "--batch-size", "2",
+               "--max-steps", "2", "--warmup-steps", "2", "--augment", "none", "--no-ema",
+               "--workers", "0", "--seed", "3", "--set", "hidden_dim=32", "dim_feedforward=64",
+               "num_queries=20", "num_denoising=6"]
+
+
+@pytest.fixture(scope="module")
+def coco128(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco_repro128")
+    make_synthetic_coco(root, num_train=4, num_val=2, size=(128, 128), seed=0)
+    return str(root)
+
+
+def _assert_kernels_taken(counts):
+    assert counts["avx512"] == 1
+    assert counts["winograd_train"] > 0, counts
+    assert counts.get("ms_deform_attn:native", 0) > 0, counts
+
+
+def test_resumed_and_interrupted_runs_equal_the_straight_one_on_the_avx512_kernels(coco128,
+                                                                                    tmp_path):
+    _needs_avx512()
+    args = ["train", "--data", coco128, *KERNEL_SIZE]
+    straight, counts = _counted_cli([*args, "--epochs", "2", "--output-dir",
+                                     str(tmp_path / "straight")], tmp_path / "c0.json")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    _assert_kernels_taken(counts)
+    # extended: 1 epoch, then --resume to 2, each in a fresh process
+    first, counts = _counted_cli([*args, "--epochs", "1", "--output-dir", str(tmp_path / "ext")],
+                                 tmp_path / "c1.json")
+    assert first.returncode == 0, first.stderr[-2000:]
+    more, counts = _counted_cli([*args, "--epochs", "2", "--output-dir", str(tmp_path / "ext"),
+                                 "--resume", str(tmp_path / "ext" / "last.pth")],
+                                tmp_path / "c2.json")
+    assert more.returncode == 0, more.stderr[-2000:]
+    _assert_kernels_taken(counts)
+    # interrupted: SIGINT at the second step of epoch 2, resumed with the same arguments
+    cut, _ = _counted_cli([*args, "--epochs", "2", "--output-dir", str(tmp_path / "cut")],
+                          tmp_path / "c3.json", interrupt_at=3)
+    assert cut.returncode == 130, cut.stderr[-2000:]
+    again, counts = _counted_cli([*args, "--epochs", "2", "--output-dir", str(tmp_path / "cut"),
+                                  "--resume", str(tmp_path / "cut" / "last.pth")],
+                                 tmp_path / "c4.json")
+    assert again.returncode == 0, again.stderr[-2000:]
+    _assert_kernels_taken(counts)
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    for name in ("ext", "cut"):
+        b = torch.load(tmp_path / name / "last.pth", weights_only=True)
+        assert b["epoch"] == 2 and _differing(a, b) == [], name
+
+
+def test_the_winograd_routing_does_not_depend_on_whether_the_extension_has_loaded():
+    _needs_avx512()
+    probe = textwrap.dedent("""
+        import torch
+        from rtdetr_fast.ops.rep_conv import winograd
+        from rtdetr_fast.ops import _backend
+        before = winograd.min_channels(torch.float32)
+        _backend.extension()
+        print(before, winograd.min_channels(torch.float32))
+    """)
+    env = dict(os.environ)
+    env.pop("RTDETR_FAST_NO_AVX512", None)
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after = out.stdout.split()
+    assert before == after == "32"

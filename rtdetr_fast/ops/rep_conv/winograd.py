@@ -89,9 +89,20 @@ def available() -> bool:
 def min_channels(dtype: torch.dtype) -> int:
     """The narrowest C_in and C_out the kernel takes in ``dtype``: :data:`MIN_CHANNELS_FUSED`
     in float32 on a CPU whose AVX-512 kernels run, else :data:`MIN_CHANNELS`."""
-    if dtype == torch.float32 and _avx512:
+    if dtype == torch.float32 and _avx512_kernels():
         return MIN_CHANNELS_FUSED
     return MIN_CHANNELS
+
+
+def _avx512_kernels() -> bool:
+    """Whether the extension's AVX-512 kernels run. Loads the extension first (which sets the
+    flag through its load hook): a flag read before it loaded would route the first calls of a
+    process differently from the later ones, so the same step would compute other bits in a
+    fresh process (a resumed run) than in a long one. A compiled forward never loads it here:
+    ``prepare`` and the eager calls before compiling have."""
+    if not _registered and not torch.compiler.is_compiling():
+        _backend.extension()
+    return _avx512
 
 
 def covers(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
