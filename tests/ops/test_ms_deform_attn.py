@@ -416,6 +416,7 @@ _DISCRETE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
 
 
 @needs_triton
+@pytest.mark.triton_interpreter
 @pytest.mark.skipif(_INTERPRETER_CHILD, reason="this is the child")
 def test_triton_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", RTDETR_FAST_TRITON_CHILD="1")
@@ -429,8 +430,8 @@ def test_triton_in_interpreter():
     assert " passed" in summary and "skipped" not in summary, tail
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not HAS_CUDA, reason="no CUDA"))])
+@pytest.fixture(params=[pytest.param("cpu", marks=pytest.mark.triton_interpreter),
+                        pytest.param("cuda", marks=pytest.mark.cuda)])
 def triton_device(request, monkeypatch):
     if not HAS_TRITON:
         pytest.skip("triton not importable")
@@ -506,6 +507,7 @@ CUDA_BACKENDS = [pytest.param("native", marks=needs_native_cuda),
                      not HAS_CUDA, reason="no CUDA")])]
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype,atol,gatol", CUDA_DTYPES, ids=lambda x: str(x))
 @pytest.mark.parametrize("B,Q,H,D,shapes,P", SHAPES + [
@@ -528,6 +530,7 @@ def test_cuda_within_torch_error(backend, dtype, atol, gatol, B, Q, H, D, shapes
         assert_tied(g, r64, r, gatol * scale, f"grad of {name}")
 
 
+@pytest.mark.cuda
 @needs_native_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_deterministic_backward_bit_identical(dtype):
@@ -546,6 +549,7 @@ def test_cuda_deterministic_backward_bit_identical(dtype):
     assert err_det <= 2 * err_fast + 1e-6
 
 
+@pytest.mark.cuda
 @needs_native_cuda
 def test_cuda_opcheck_and_graph_capture():
     native._ensure_registered()
@@ -570,6 +574,7 @@ def test_cuda_opcheck_and_graph_capture():
     torch.testing.assert_close(captured, eager)
 
 
+@pytest.mark.cuda
 @needs_native_cuda
 def test_cuda_compile_fullgraph_inductor_and_autocast():
     value, ss, lsi, loc, attn = make_inputs(2, 16, 8, 32, [(8, 8), (4, 4)], 4,
@@ -589,6 +594,7 @@ def test_cuda_compile_fullgraph_inductor_and_autocast():
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-2)
 
 
+@pytest.mark.cuda
 @needs_native_cuda
 def test_cuda_device_mix_is_an_error():
     value, ss, lsi, loc, attn = make_inputs(1, 2, 1, 4, [(2, 2)], 1, dtype=torch.float32)

@@ -362,6 +362,7 @@ CUDA_BACKENDS = [pytest.param("native", marks=pytest.mark.skipif(
                      not HAS_CUDA, reason="no CUDA"))]
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["f32", "f16", "bf16"])
@@ -375,6 +376,7 @@ def test_cuda_discrete_within_torch_error(backend, dtype, B, Q, H, D, shapes, co
     check_against_loop(backend, B, Q, H, D, shapes, counts, dtype, device="cuda")
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_cuda_discrete_edges(backend, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -383,6 +385,7 @@ def test_cuda_discrete_edges(backend, monkeypatch):
     check_edges(backend, "cuda")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not HAS_NATIVE_CUDA, reason="no CUDA or no CUDA build")
 def test_cuda_discrete_deterministic_backward_bit_identical():
     value, loc, attn = make_inputs(2, 500, 8, 32, [(8, 8), (4, 4), (2, 2)], [4, 4, 4],
@@ -400,6 +403,7 @@ def test_cuda_discrete_deterministic_backward_bit_identical():
         assert torch.equal(a, b)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not HAS_NATIVE_CUDA or os.environ.get("RTDETR_FAST_TRITON_CHILD") == "1",
                     reason="no CUDA or no CUDA build")
 def test_cuda_discrete_opcheck():

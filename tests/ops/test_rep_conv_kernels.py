@@ -67,6 +67,7 @@ def _dtypes():
     return [torch.float32, torch.float16, torch.bfloat16]
 
 
+@pytest.mark.triton_interpreter
 @pytest.mark.parametrize("dtype", _dtypes(), ids=str)
 @pytest.mark.parametrize("shape", ODD, ids=lambda s: "x".join(map(str, s)))
 def test_triton_interpreter_odd_shapes(interpret, shape, dtype):
@@ -77,6 +78,7 @@ def test_triton_interpreter_odd_shapes(interpret, shape, dtype):
     _assert_close_to_reference(out, x, w, b, "silu")
 
 
+@pytest.mark.triton_interpreter
 @pytest.mark.parametrize("act", ["relu", "identity"])
 def test_triton_interpreter_activations_without_bias(interpret, act):
     x, w, _ = _inputs(1, 17, 7, 5, 19, torch.float32)
@@ -85,6 +87,7 @@ def test_triton_interpreter_activations_without_bias(interpret, act):
     _assert_close_to_reference(out, x, w, None, act)
 
 
+@pytest.mark.triton_interpreter
 def test_triton_interpreter_contiguous_nchw_and_several_k_chunks(interpret):
     # C_in = 40 spans three 16-channel chunks per tap (the last one ragged); NCHW input
     x, w, b = _inputs(1, 40, 5, 6, 17, torch.float32, channels_last=False)
@@ -94,6 +97,7 @@ def test_triton_interpreter_contiguous_nchw_and_several_k_chunks(interpret):
     _assert_close_to_reference(out, x, w, b, "silu")
 
 
+@pytest.mark.triton_interpreter
 def test_triton_fallbacks_are_the_reference(interpret):
     # float64 and inputs that need a gradient run the reference (documented), never a wrong result
     x, w, b = _inputs(1, 3, 4, 4, 5, torch.float64)
@@ -107,6 +111,7 @@ def test_triton_fallbacks_are_the_reference(interpret):
     assert w.grad is not None and w.grad.abs().sum() > 0
 
 
+@pytest.mark.triton_interpreter
 def test_triton_mismatched_dtypes_raise(interpret):
     x, w, b = _inputs(1, 3, 4, 4, 5, torch.float32)
     with ops.backend("triton"), pytest.raises(TypeError, match="weight dtype"):
@@ -115,6 +120,7 @@ def test_triton_mismatched_dtypes_raise(interpret):
         ops.rep_conv(x, w, b.half(), "silu")
 
 
+@pytest.mark.triton_interpreter
 def test_triton_custom_op_is_opaque_and_consistent(interpret):
     x, w, b = _inputs(1, 3, 3, 2, 4, torch.float32)
     torch.library.opcheck(torch.ops.rtdetr_fast.rep_conv_triton.default, (x, w, b, "silu"),
@@ -123,6 +129,7 @@ def test_triton_custom_op_is_opaque_and_consistent(interpret):
     _assert_close_to_reference(compiled(x, w, b, "silu"), x, w, b, "silu")
 
 
+@pytest.mark.triton_interpreter
 def test_triton_deployed_block_matches_training_form(interpret):
     block = _block(6, 7, eps=1e-3, frozen=True)
     x = torch.randn(1, 6, 5, 3)

@@ -56,7 +56,8 @@ def interpret():
 def _devices_backends():
     out = []
     if not torch.cuda.is_available():  # with a GPU triton is not interpreted: it runs on CUDA
-        out.append(pytest.param(("cpu", "triton"), id="triton-interp"))
+        out.append(pytest.param(("cpu", "triton"), id="triton-interp",
+                                marks=pytest.mark.triton_interpreter))
     else:
         out += [pytest.param(("cuda", "triton"), id="triton-cuda", marks=pytest.mark.cuda),
                 pytest.param(("cuda", "native"), id="native-cuda", marks=pytest.mark.cuda)]
