@@ -13,9 +13,275 @@ import dataclasses
 import os
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """A mistake on the command line (a flag's value, a path): one line, exit status 2."""
+
+
+def _warn(verb: str, message: str) -> None:
+    print(f"rtdetr-fast {verb}: warning: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------- checks
+# Everything below runs before torch is imported (``validate``), so that a mistake is answered
+# at once and before any work: nothing is trained, built or written when one of them fails.
+
+SIZE_MULTIPLE = 32
+# what a checkpoint folder holds (model/checkpoint.py reads them)
+FOLDER_FILES = ("config.json", "model.safetensors")
+
+
+def _check_int(args, dest: str, minimum: int, what: str = "") -> None:
+    value = getattr(args, dest, None)
+    if value is not None and value < minimum:
+        flag = "--" + dest.replace("_", "-")
+        raise UsageError(f"{flag} must be >= {minimum}{what}, got {value}")
+
+
+def check_size(verb: str, size: Optional[int], flag: str = "--size") -> None:
+    """Input sizes: positive; a size that is not a multiple of 32 runs, with a warning."""
+    if size is None:
+        return
+    if size < SIZE_MULTIPLE:
+        raise UsageError(f"{flag} is the square input size in pixels: a multiple of "
+                         f"{SIZE_MULTIPLE}, at least {SIZE_MULTIPLE} (e.g. 640), got {size}")
+    if size % SIZE_MULTIPLE:
+        lo = size // SIZE_MULTIPLE * SIZE_MULTIPLE
+        _warn(verb, f"{flag} {size} is not a multiple of {SIZE_MULTIPLE} ({lo} or "
+                    f"{lo + SIZE_MULTIPLE} are): the model runs, but matching the official "
+                    "model's outputs and ONNX export need multiples of 32")
+
+
+def _existing_parent(path: str) -> str:
+    """The nearest folder above ``path`` (or ``path``) that exists; raises when a file is in the
+    way."""
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent
+
+
+def check_output_folder(path: str, flag: str) -> None:
+    """A folder that exists and is writable, or one that can be created."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a file, not a folder: give a folder to write into")
+    parent = _existing_parent(path)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path!r} cannot be created: {parent!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        what = "folder" if parent == os.path.abspath(path) else f"folder {parent!r} above it"
+        raise UsageError(f"{flag} {path!r} is not writable (no write permission on the {what})")
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """A file that can be written: not a folder, in a folder that exists or can be created."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise UsageError(f"{flag} {path!r} is a folder: give a file name")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path!r} is not writable")
+    parent = _existing_parent(os.path.dirname(os.path.abspath(path)))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path!r} cannot be created: {parent!r} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path!r} is not writable (no write permission on the folder "
+                         f"{parent!r})")
+
+
+def _is_torch_file(path: str) -> bool:
+    """Whether ``path`` looks like a torch.save file: a zip archive with a data.pkl record, or
+    a pickle (the format before torch 1.6). Reads the first bytes and the zip directory only."""
+    import zipfile
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+CHECKPOINT_KINDS = ("a .pth written by train, an official RT-DETR .pth, or a save_pretrained / "
+                    "Hugging Face folder")
+
+
+def check_checkpoint_path(path: Optional[str], flag: str = "--checkpoint") -> None:
+    if not path:
+        return
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r} ({flag}: no such file or folder)")
+    if os.path.isdir(path):
+        missing = [f for f in FOLDER_FILES if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise UsageError(f"{flag} {path!r} is a folder without {' and '.join(missing)}: not "
+                             f"a checkpoint folder (give {CHECKPOINT_KINDS})")
+        return
+    if not _is_torch_file(path):
+        raise UsageError(f"{flag} {path!r} is not a checkpoint: not a file written by "
+                         f"torch.save (give {CHECKPOINT_KINDS})")
+
+
+def check_data_folder(root: str, splits: Sequence[str]) -> None:
+    """The COCO layout ``train``/``eval`` read (engine.recipes.find_coco_split), checked for
+    existence only."""
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"dataset folder {root!r} does not exist")
+    if not os.path.isdir(root):
+        raise UsageError(f"--data {root!r} is a file: give a COCO folder ({{train,val}}[2017]/ "
+                         "and annotations/instances_{train,val}[2017].json)")
+    for split in splits:
+        if not any(os.path.isdir(os.path.join(root, f"{split}{suffix}")) and os.path.isfile(
+                os.path.join(root, "annotations", f"instances_{split}{suffix}.json"))
+                for suffix in ("2017", "")):
+            raise FileNotFoundError(f"no {split} split in {root!r}: expected {split}2017/ or "
+                                    f"{split}/ and annotations/instances_{split}[2017].json")
+
+
+def check_device(device: Optional[str]) -> None:
+    import re
+
+    if device is not None and not re.fullmatch(r"(cpu|cuda|mps|xpu|hpu|mtia|meta)(:\d+)?",
+                                                device):
+        raise UsageError(f"--device {device!r} is not a device: cpu, cuda or cuda:N")
+
+
+def _check_model_args(args) -> None:
+    verb = args.command
+    _check_overrides(args)
+    _check_int(args, "num_classes", 1)
+    check_device(getattr(args, "device", None))
+    check_checkpoint_path(getattr(args, "checkpoint", None))
+    check_size(verb, getattr(args, "size", None))
+
+
+def _validate_predict(args) -> None:
+    _check_overrides(args)
+    check_checkpoint_path(args.checkpoint)
+    args.images = expand_image_inputs(args.images)
+    if not args.checkpoint:
+        raise UsageError("predict needs --checkpoint (" + CHECKPOINT_KINDS + ")")
+    _check_model_args(args)
+    if not 0.0 <= args.threshold <= 1.0:
+        raise UsageError(f"--threshold is the lowest score kept, between 0 and 1, got "
+                         f"{args.threshold:g}")
+    _parse_names(args.names)
+    check_output_folder(args.out, "--out")
+    readable = readable_images(args.images)
+    args.unreadable = set(args.images) - set(readable)  # warned about; skipped, keeping ids
+
+
+def _validate_train(args) -> None:
+    for dest in ("epochs", "batch_size", "max_steps"):
+        _check_int(args, dest, 1)
+    for dest in ("workers", "warmup_steps", "stop_aug_epochs", "seed"):
+        _check_int(args, dest, 0)
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr:g}")
+    if args.backbone_lr is not None and not args.backbone_lr >= 0:
+        raise UsageError(f"--backbone-lr must be >= 0, got {args.backbone_lr:g}")
+    if args.resume and args.checkpoint:
+        raise UsageError("give --resume (continue a run) or --checkpoint (start from weights), "
+                         "not both")
+    check_data_folder(args.data, ("train", "val"))
+    _check_model_args(args)
+    check_checkpoint_path(args.resume, "--resume")
+    _parse_names(args.names)
+    check_output_folder(args.output_dir, "--output-dir")
+    check_earlier_run(args.output_dir, args.resume)
+
+
+def check_earlier_run(output_dir: str, resume: Optional[str]) -> None:
+    """A run does not overwrite the checkpoints of another one: an ``--output-dir`` that holds
+    last.pth or best.pth is refused, except the folder of the run being resumed."""
+    found = [f for f in ("last.pth", "best.pth") if os.path.isfile(os.path.join(output_dir, f))]
+    if not found:
+        return
+    if resume and os.path.samefile(os.path.dirname(os.path.abspath(resume)), output_dir):
+        return
+    raise UsageError(f"--output-dir {output_dir!r} holds the checkpoints of another run "
+                     f"({', '.join(found)}), which this one would overwrite: choose a new "
+                     f"folder, or continue that run with --resume "
+                     f"{os.path.join(output_dir, 'last.pth')}")
+
+
+def _validate_eval(args) -> None:
+    for dest in ("batch_size",):
+        _check_int(args, dest, 1)
+    _check_int(args, "workers", 0)
+    check_data_folder(args.data, (args.split,))
+    if not args.checkpoint:
+        raise UsageError("eval needs --checkpoint (" + CHECKPOINT_KINDS + ")")
+    _check_model_args(args)
+    if args.json:
+        check_output_file(args.json, "--json")
+
+
+def _validate_bench(args) -> None:
+    _check_int(args, "batch", 1)
+    _check_int(args, "repeats", 1)
+    _check_model_args(args)
+
+
+def _validate_demo(args) -> None:
+    for dest in ("epochs", "num_train", "num_val", "batch_size"):
+        _check_int(args, dest, 1)
+    _check_int(args, "seed", 0)
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise UsageError(f"--time-budget is in seconds, > 0, got {args.time_budget:g}")
+    check_device(args.device)
+    check_output_folder(args.out, "--out")
+
+
+def _validate_export(args) -> None:
+    _check_overrides(args)
+    _check_int(args, "num_classes", 1)
+    check_checkpoint_path(args.checkpoint)
+    check_output_file(args.output, "--output")
+
+
+VALIDATORS = {"predict": _validate_predict, "train": _validate_train, "eval": _validate_eval,
+              "bench": _validate_bench, "demo": _validate_demo, "export": _validate_export}
+
+
+def validate(args) -> None:
+    """The verb's arguments and paths, checked without importing torch; raises UsageError (or
+    FileNotFoundError) with a one-line message."""
+    check = VALIDATORS.get(args.command)
+    if check is not None:
+        check(args)
+    args.validated = True
+
+
+def _free_bytes(path: str) -> int:
+    import shutil
+
+    return shutil.disk_usage(_existing_parent(path)).free
+
+
+def checkpoint_bytes(model) -> int:
+    """What a run writes at most at once: last.pth (the weights, their EMA and AdamW's two
+    moments: four copies), best.pth (one) and, while last.pth is replaced, a temporary copy of
+    it (four more)."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return 9 * weights + (1 << 20)
+
+
+def check_free_space(output_dir: str, model) -> None:
+    """Before the first step: room in ``output_dir`` for the checkpoints the run writes."""
+    need, free = checkpoint_bytes(model), _free_bytes(output_dir)
+    if free < need:
+        raise UsageError(f"--output-dir {output_dir!r}: not enough free space for the run's "
+                         f"checkpoints: about {need / 2**20:.0f} MiB needed (last.pth, best.pth "
+                         f"and a copy while saving), {free / 2**20:.0f} MiB free")
 
 
 def _parse_overrides(items: List[str]) -> dict:
@@ -37,7 +303,10 @@ def _parse_overrides(items: List[str]) -> dict:
 def _device(name: str):
     import torch
 
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a device: cpu, cuda or cuda:N") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
     return dev
@@ -47,13 +316,32 @@ DEFAULT_PRESET = "rtdetr_r18vd"
 DEFAULT_SIZE = 640
 
 
+def _looks_like_a_file(text: str) -> bool:
+    """A ``--names`` value meant as a file: a path with a folder, or one word with an
+    extension (``names.txt``); a category name is neither."""
+    import re
+
+    return "," not in text and ("/" in text or os.sep in text
+                                or re.fullmatch(r"[^\s]+\.[A-Za-z0-9]{1,5}", text) is not None)
+
+
 def _parse_names(text: Optional[str]) -> Optional[List[str]]:
     """``--names``: comma-separated category names, or a file with one name per line."""
     if not text:
         return None
+    if os.path.isdir(text):
+        raise UsageError(f"--names {text!r} is a folder: give comma-separated names or a file "
+                         "with one name per line")
     if os.path.isfile(text):
-        with open(text, encoding="utf-8") as f:
-            names = [line.strip() for line in f if line.strip()]
+        try:
+            with open(text, encoding="utf-8") as f:
+                names = [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--names {text!r}: cannot read it as a text file of names "
+                             f"({type(exc).__name__})") from exc
+    elif _looks_like_a_file(text):
+        raise FileNotFoundError(f"--names {text!r}: no such file (give comma-separated names, "
+                                "e.g. --names cat,dog, or a file with one name per line)")
     else:
         names = [n.strip() for n in text.split(",")]
     if not names or not all(names):
@@ -82,9 +370,10 @@ def _build_model(args, num_classes: Optional[int] = None, checkpoint: Optional[s
     from . import RTDETR
 
     overrides = _parse_overrides(args.set)
-    if getattr(args, "size", None):
-        if args.size < 32:
-            raise ValueError(f"--size must be at least 32, got {args.size}")
+    if getattr(args, "size", None) is not None:
+        if args.size < SIZE_MULTIPLE:
+            raise ValueError(f"--size must be a multiple of {SIZE_MULTIPLE}, at least "
+                             f"{SIZE_MULTIPLE}, got {args.size}")
         overrides.setdefault("eval_spatial_size", (args.size, args.size))
     checkpoint = checkpoint or args.checkpoint
     if checkpoint:
@@ -144,6 +433,31 @@ def expand_image_inputs(items: List[str]) -> List[str]:
     return out
 
 
+def readable_images(paths: List[str], verb: str = "predict") -> List[str]:
+    """The paths whose file is an image Pillow recognises (its header only is read; a file
+    that is damaged further on is found when it is decoded). Unrecognised ones are skipped with
+    a one-line warning; none readable is an error."""
+    from PIL import Image
+
+    out, bad = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.size  # noqa: B018 - the header is parsed by open
+        except Exception as exc:  # Pillow raises several types for foreign or damaged files
+            bad.append((path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+            continue
+        out.append(path)
+    if not out:
+        path, reason = bad[0]
+        raise UsageError(f"{path!r} is not a readable image ({reason})" if len(paths) == 1 else
+                         f"none of the {len(paths)} inputs is a readable image ({path!r}: "
+                         f"{reason})")
+    for path, reason in bad:
+        _warn(verb, f"skipping {path}: not a readable image ({reason})")
+    return out
+
+
 def unique_output_names(paths: List[str], suffix: str = "_det.png") -> List[str]:
     """One output file name per input; inputs that share a file name get their parent
     folder's name in front (then a counter), so no output overwrites another."""
@@ -171,19 +485,17 @@ def cmd_predict(args) -> int:
     from .data.images import load_image
     from .visualize import detections_to_records, draw_detections
 
-    _check_overrides(args)
-    if args.checkpoint and not os.path.exists(args.checkpoint):
-        raise FileNotFoundError(f"no checkpoint at {args.checkpoint!r}")
-    paths = expand_image_inputs(args.images)
-    if not args.checkpoint:
-        raise ValueError("predict needs --checkpoint (a .pth written by train, an official "
-                         ".pth, or a save_pretrained / Hugging Face folder)")
+    paths = args.images  # files (validate expanded folders and globs)
+    unreadable = getattr(args, "unreadable", set())
     model = _build_model(args).eval()
     names = model.class_names
     cat_ids = list(model.config.category_ids) or list(range(model.num_classes))
     os.makedirs(args.out, exist_ok=True)
     records, failed = [], 0
     for image_id, (path, png) in enumerate(zip(paths, unique_output_names(paths)), start=1):
+        if path in unreadable:
+            failed += 1
+            continue
         try:
             image = load_image(path)
         except (ValueError, OSError) as exc:
@@ -197,13 +509,18 @@ def cmd_predict(args) -> int:
         records.extend(detections_to_records(det, image_id, path, names, cat_ids,
                                              image_size=tuple(image.shape[-2:])))
         print(f"{path}: {len(det['scores'])} detections -> {out_png}")
+    if failed == len(paths):
+        # nothing read: an earlier run's detections.json is left as it was
+        print(f"rtdetr-fast predict: error: none of the {len(paths)} images could be read",
+              file=sys.stderr)
+        return 1
     json_path = os.path.join(args.out, "detections.json")
     with open(json_path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(records, f, indent=1)
     os.replace(json_path + ".tmp", json_path)
     print(f"{len(paths) - failed} images, {len(records)} detections (score >= {args.threshold})"
           f" -> {json_path}" + (f"; {failed} unreadable images skipped" if failed else ""))
-    return 0 if failed < len(paths) else 1
+    return 0
 
 
 def _checkpoint_size(path: Optional[str]):
@@ -396,14 +713,8 @@ def prepare_train(args):
     from .engine.train import TrainConfig, Trainer, scaled_schedule
     from .data.transforms import MultiScaleCollate, collate_fn
 
-    _check_overrides(args)
-    for flag in ("epochs", "batch_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.resume and args.checkpoint:
-        raise ValueError("give --resume (continue a run) or --checkpoint (start from weights), "
-                         "not both")
+    if not getattr(args, "validated", False):
+        validate(args)
     device = D.init_distributed(args.device)
     from .engine.seeding import seed_everything, set_deterministic
 
@@ -424,7 +735,8 @@ def prepare_train(args):
         augment = dict(saved.get("recipe_overrides") or ()).get("augment")
     augment = augment or "official"
     # the input size: --size, else the checkpoint's, else 640
-    size = args.size or (_checkpoint_size(args.checkpoint or args.resume) or (DEFAULT_SIZE,) * 2)[0]
+    size = args.size or (_checkpoint_size(args.checkpoint or args.resume)
+                         or (DEFAULT_SIZE,) * 2)[0]
     args.size = size
     train_ds, val_ds = _datasets(args, (size, size), augment)
     if len(train_ds) == 0:
@@ -443,6 +755,7 @@ def prepare_train(args):
     else:
         model = _build_model(args, num_classes=train_ds.num_classes, class_names=names,
                              category_ids=train_ds.label_to_cat_id)
+    check_free_space(args.output_dir, model)
     plan = plan_training(args, model.config.name, saved if args.resume else None)
     if plan.recipe is None:
         collate = collate_fn
@@ -525,11 +838,7 @@ def cmd_eval(args) -> int:
     from .data.coco import CocoDetection
     from .data.transforms import eval_transforms
 
-    _check_overrides(args)
     images, ann = find_coco_split(args.data, args.split)
-    if not args.checkpoint:
-        raise ValueError("eval needs --checkpoint (a .pth written by train, an official .pth, "
-                         "or a save_pretrained / Hugging Face folder)")
     model = _build_model(args)
     size = tuple(model.config.eval_spatial_size)
     ds = CocoDetection(images, ann, transforms=eval_transforms(size))
@@ -601,11 +910,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Every (sub)parser shows defaults in --help."""
+    """Every (sub)parser shows defaults in --help; a mistake is one line (no usage block)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message.splitlines()[0]} "
+                              f"({self.prog} --help lists the options)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -750,27 +1063,52 @@ def main(argv: Optional[List[str]] = None) -> int:
     import warnings
 
     warnings.formatwarning = _one_line_warning
-    from .engine.train import TrainingDiverged
-    from .model.checkpoint import CheckpointError
-
     try:
+        validate(args)  # before torch is imported: a mistake is answered at once
         return args.fn(args)
-    except (FileNotFoundError, CheckpointError, ValueError, TrainingDiverged) as exc:
-        print(f"rtdetr-fast {args.command}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"rtdetr-fast {args.command}: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as exc:
-        # torch's and the ops' refusal under --deterministic: one line, not a traceback
-        if "does not have a deterministic implementation" not in str(exc):
+    except Exception as exc:
+        answer = _error_answer(exc)
+        if answer is None:
             raise
+        message, code = answer
+        print(f"rtdetr-fast {args.command}: error: {message}", file=sys.stderr)
+        return code
+
+
+# path errors: the user's to fix (exit 2); another OSError (a full disk...) exits 1
+PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               FileExistsError)
+
+
+def _error_answer(exc: BaseException) -> Optional[Tuple[str, int]]:
+    """(one-line message, exit status) for the errors a user can act on; None for a bug (its
+    traceback is shown)."""
+    def first_line(text: str) -> str:
+        return text.splitlines()[0] if text else type(exc).__name__
+
+    # the package's own error types, when their modules were imported (else none was raised)
+    own = []
+    for module, name in (("rtdetr_fast.model.checkpoint", "CheckpointError"),
+                         ("rtdetr_fast.engine.train", "TrainingDiverged")):
+        if module in sys.modules:
+            own.append(getattr(sys.modules[module], name))
+    if isinstance(exc, OSError):
+        text = (f"{exc.strerror}: {exc.filename!r}" if exc.strerror and exc.filename
+                else first_line(str(exc)))
+        return text, EXIT_USAGE if isinstance(exc, PATH_ERRORS) else 1
+    if isinstance(exc, (ValueError, *own)):
+        return first_line(str(exc)), EXIT_USAGE
+    if isinstance(exc, RuntimeError) and "does not have a deterministic implementation" in str(exc):
+        # torch's and the ops' refusal under --deterministic: one line, not a traceback
         import re
 
-        what = re.split(r"\. |; ", str(exc).splitlines()[0])[0]
-        print(f"rtdetr-fast {args.command}: error: {what}; drop --deterministic or choose a "
-              "backend that has one (RTDETR_FAST_BACKEND=native)", file=sys.stderr)
-        return EXIT_USAGE
+        what = re.split(r"\. |; ", first_line(str(exc)))[0]
+        return (f"{what}; drop --deterministic or choose a backend that has one "
+                "(RTDETR_FAST_BACKEND=native)", EXIT_USAGE)
+    return None
 
 
 if __name__ == "__main__":
