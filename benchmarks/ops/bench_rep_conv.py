@@ -10,8 +10,12 @@ fraction of the measured float16 matrix ceiling (a large torch.matmul on the sam
 GPU cases skip without CUDA. The CPU cases put the reference (torch's convolution + SiLU) beside
 the native CPU kernel (Winograd F(4x4, 3x3)) at the detector's layer sizes, float32 NCHW.
 
+RTDETR_FAST_BENCH_QUICK=1 (the GPU suite's quick mode): C=256 at 80x80 and 20x20, B in {8, 32},
+5 rounds on the GPU; one CPU shape.
 Run: python -m pytest benchmarks/ops/bench_rep_conv.py --benchmark-columns=min,median
 """
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,9 +24,10 @@ from rtdetr_fast import ops
 from rtdetr_fast.model.encoder import RepVggBlock
 
 REPS = 20  # launches per timed call, so one host synchronisation is amortised
-CHANNELS = [256, 384]  # 384: R101's CCFF
-MAPS = [80, 40, 20]
-BATCHES = [1, 8, 32]
+QUICK = os.environ.get("RTDETR_FAST_BENCH_QUICK") == "1"
+CHANNELS = [256] if QUICK else [256, 384]  # 384: R101's CCFF
+MAPS = [80, 20] if QUICK else [80, 40, 20]
+BATCHES = [8, 32] if QUICK else [1, 8, 32]
 IMPLS = ["native", "triton", "cudnn_bias_then_silu", "training_form"]
 
 
@@ -94,7 +99,8 @@ def test_rep_conv_gpu(benchmark, matrix_ceiling_tflops, impl, C, HW, B):
         torch.cuda.synchronize()
 
     timed()  # autotuning and first-call compilation stay out of the timing
-    benchmark.pedantic(timed, rounds=10, warmup_rounds=2, iterations=1)
+    benchmark.pedantic(timed, rounds=5 if QUICK else 10, warmup_rounds=1 if QUICK else 2,
+                       iterations=1)
     if benchmark.stats is None:  # --benchmark-disable: a smoke run, no timing
         return
     ms = benchmark.stats.stats.median / REPS * 1e3
@@ -116,7 +122,8 @@ def _triton_version():
         return None
 
 
-CPU_SHAPES = [(32, 320), (64, 160), (128, 80), (256, 40), (512, 20)]  # stem, backbone, CCFF
+CPU_SHAPES = ([(64, 160)] if QUICK else
+              [(32, 320), (64, 160), (128, 80), (256, 40), (512, 20)])  # stem, backbone, CCFF
 
 
 @pytest.mark.parametrize("impl", ["reference", "native"])

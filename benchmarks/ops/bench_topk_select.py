@@ -6,8 +6,11 @@ queries x classes, label/query arithmetic and a box gather. Backends run through
 ``ops.topk_select`` / ``ops.topk_detections``. Target on a GPU (benchmark, not test): >= 3x the
 eager chain at every B. GPU cases skip without CUDA; a small CPU case runs everywhere.
 
+RTDETR_FAST_BENCH_QUICK=1 (the GPU suite's quick mode): B in {8, 32}, N=8400, 10 rounds.
 Run: python -m pytest benchmarks/ops/bench_topk_select.py --benchmark-columns=min,median
 """
+import os
+
 import pytest
 import torch
 
@@ -41,11 +44,21 @@ def _impls(device):
     return ["eager"] + [b for b in ops.available_backends(device, "topk_select")]
 
 
+QUICK = os.environ.get("RTDETR_FAST_BENCH_QUICK") == "1"
+GPU_ROUNDS = 10 if QUICK else 20
+GPU_B = (8, 32) if QUICK else (1, 8, 32)
+
+
+def _rand(fn, shape, g, device):
+    # made on the device: a B=32 batch made on the host and copied takes longer than the runs
+    return fn(*shape, generator=g, device=device)
+
+
 CASES = ([pytest.param("cpu", 1, 8400, id="cpu-B1-N8400")]
          + [pytest.param("cuda", B, N, id=f"cuda-B{B}-N{N}",
                          marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs a CUDA device"))
-            for B in (1, 8, 32) for N in (8400, 33600)])
+            for B in GPU_B for N in ((8400,) if QUICK else (8400, 33600))])
 
 
 @pytest.mark.parametrize("device,B,N", CASES)
@@ -53,10 +66,10 @@ CASES = ([pytest.param("cpu", 1, 8400, id="cpu-B1-N8400")]
 def test_select(benchmark, device, B, N, impl):
     if impl != "eager" and impl not in ops.available_backends(device, "topk_select"):
         pytest.skip(f"{impl} not available on {device}")
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(B, N, C, generator=g).to(device)
-    boxes = torch.rand(B, N, 4, generator=g).to(device)
-    feats = torch.randn(B, N, D, generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = _rand(torch.randn, (B, N, C), g, device)
+    boxes = _rand(torch.rand, (B, N, 4), g, device)
+    feats = _rand(torch.randn, (B, N, D), g, device)
 
     def run():
         if impl == "eager":
@@ -68,14 +81,14 @@ def test_select(benchmark, device, B, N, impl):
 
     benchmark.extra_info.update(op="topk_select", device=device, B=B, N=N, C=C, K=K, impl=impl,
                                 dtype="float32", torch=torch.__version__)
-    benchmark.pedantic(run, rounds=20 if device == "cuda" else 5, warmup_rounds=2)
+    benchmark.pedantic(run, rounds=GPU_ROUNDS if device == "cuda" else 5, warmup_rounds=2)
 
 
 DET_CASES = ([pytest.param("cpu", 1, id="cpu-B1")]
              + [pytest.param("cuda", B, id=f"cuda-B{B}",
                              marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                       reason="needs a CUDA device"))
-                for B in (1, 8, 32)])
+                for B in GPU_B])
 
 
 @pytest.mark.parametrize("device,B", DET_CASES)
@@ -83,9 +96,9 @@ DET_CASES = ([pytest.param("cpu", 1, id="cpu-B1")]
 def test_detections(benchmark, device, B, impl):
     if impl != "eager" and impl not in ops.available_backends(device, "topk_detections"):
         pytest.skip(f"{impl} not available on {device}")
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(B, 300, C, generator=g).to(device)
-    boxes = torch.rand(B, 300, 4, generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    logits = _rand(torch.randn, (B, 300, C), g, device)
+    boxes = _rand(torch.rand, (B, 300, 4), g, device)
     sizes = torch.tensor([[640, 640]] * B, device=device)
 
     def run():
@@ -98,4 +111,4 @@ def test_detections(benchmark, device, B, impl):
 
     benchmark.extra_info.update(op="topk_detections", device=device, B=B, Q=300, C=C, K=K,
                                 impl=impl, dtype="float32", torch=torch.__version__)
-    benchmark.pedantic(run, rounds=20 if device == "cuda" else 5, warmup_rounds=2)
+    benchmark.pedantic(run, rounds=GPU_ROUNDS if device == "cuda" else 5, warmup_rounds=2)
