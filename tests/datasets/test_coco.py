@@ -47,6 +47,7 @@ def coco_folder(tmp_path):
     return img_dir, _write(tmp_path, images, anns, cats)
 
 
+@pytest.mark.pycocotools
 def test_items_boxes_labels_and_mapping(coco_folder):
     ds = CocoDetection(*coco_folder)
     assert len(ds) == 4
@@ -68,6 +69,7 @@ def test_items_boxes_labels_and_mapping(coco_folder):
     assert t["area"].tolist() == [150, 900] and t["iscrowd"].tolist() == [0, 0]
 
 
+@pytest.mark.pycocotools
 def test_image_without_annotations_is_kept(coco_folder):
     img, t = CocoDetection(*coco_folder)[1]
     assert img.shape == (3, 40, 32) and t["image_id"] == 2
@@ -75,6 +77,7 @@ def test_image_without_annotations_is_kept(coco_folder):
     assert t["labels"].shape == (0,) and t["labels"].dtype == torch.int64
 
 
+@pytest.mark.pycocotools
 def test_corrupt_and_missing_images_are_skipped_counted_and_warned(coco_folder):
     ds = CocoDetection(*coco_folder)
     with pytest.warns(RuntimeWarning) as record:
@@ -97,6 +100,7 @@ def test_corrupt_and_missing_images_are_skipped_counted_and_warned(coco_folder):
     assert [b[0].shape for b in batches] == [(2, 3, 16, 16)] * 2
 
 
+@pytest.mark.pycocotools
 def test_no_readable_image_raises(tmp_path):
     (tmp_path / "im").mkdir()
     ann = _write(tmp_path, [{"id": 1, "file_name": "x.png", "width": 4, "height": 4}], [],
@@ -106,6 +110,7 @@ def test_no_readable_image_raises(tmp_path):
         ds[0]
 
 
+@pytest.mark.pycocotools
 def test_bad_inputs_give_clear_errors(tmp_path, coco_folder):
     missing = tmp_path / "nope.json"
     with pytest.raises(FileNotFoundError, match="nope.json"):
@@ -123,6 +128,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, coco_folder):
         CocoDetection(coco_folder[0], wrong_cat)
 
 
+@pytest.mark.pycocotools
 def test_transforms_run_and_orig_size_is_the_files(coco_folder):
     ds = CocoDetection(*coco_folder, transforms=T.eval_transforms((24, 32)))
     img, t = ds[0]
@@ -147,6 +153,7 @@ def _red_extent(img):
 
 @pytest.mark.parametrize("frame,orientation", [("displayed", o) for o in (2, 3, 6, 8)]
                          + [("raw", o) for o in (5, 6, 7, 8)])
+@pytest.mark.pycocotools
 def test_exif_rotated_jpeg(tmp_path, orientation, frame):
     """Boxes match the transposed image, whether annotated on it (the usual case) or on the raw
     array (recognised when the JSON's size is the raw one, so only for quarter turns)."""
@@ -178,6 +185,7 @@ def test_exif_rotated_jpeg(tmp_path, orientation, frame):
     assert all(abs(g - e) <= 1 for g, e in zip(got, box)), (got, box)
 
 
+@pytest.mark.pycocotools
 def test_masks(tmp_path):
     paths = make_synthetic_coco(tmp_path / "syn", num_train=3, num_val=0, size=(48, 64), seed=1)
     ds = CocoDetection(paths.train_images, paths.train_ann, return_masks=True)
@@ -193,6 +201,7 @@ def test_masks(tmp_path):
     assert t["masks"].shape == (len(t["boxes"]), 32, 32)
 
 
+@pytest.mark.pycocotools
 def test_make_synthetic_coco(tmp_path):
     paths = make_synthetic_coco(tmp_path / "a", num_train=12, num_val=4, size=(64, 80), seed=3,
                                 classes=("rectangle", "ellipse", "triangle", "diamond"))

@@ -48,6 +48,7 @@ def perfect_results(coco, shuffle_labels=False):
     return ids, results
 
 
+@pytest.mark.pycocotools
 def test_perfect_predictions_score_one(gt_file, tmp_path):
     ev = CocoEvaluator(str(gt_file), LABEL_TO_CAT)
     ids, results = perfect_results(ev.coco_gt)
@@ -67,12 +68,14 @@ def test_perfect_predictions_score_one(gt_file, tmp_path):
     assert first["bbox"] == [5, 5, 20, 15]  # xyxy -> xywh
 
 
+@pytest.mark.pycocotools
 def test_shuffled_labels_score_low(gt_file):
     ev = CocoEvaluator(load_coco_api(gt_file), {0: 1, 1: 3, 2: 7})
     ev.update(*perfect_results(ev.coco_gt, shuffle_labels=True))
     assert ev.summarize()["AP"] < 0.1
 
 
+@pytest.mark.pycocotools
 def test_zero_detections_give_zeros(gt_file, tmp_path):
     ev = CocoEvaluator(str(gt_file), LABEL_TO_CAT)
     assert ev.summarize() == {k: 0.0 for k in STAT_NAMES}
@@ -82,6 +85,7 @@ def test_zero_detections_give_zeros(gt_file, tmp_path):
     assert json.loads(open(ev.write_results(tmp_path / "r.json")).read()) == []
 
 
+@pytest.mark.pycocotools
 def test_only_updated_images_count_and_duplicates_are_ignored(gt_file):
     ev = CocoEvaluator(str(gt_file), LABEL_TO_CAT)
     ids, results = perfect_results(ev.coco_gt)
@@ -93,6 +97,7 @@ def test_only_updated_images_count_and_duplicates_are_ignored(gt_file):
     assert ev.summarize()["AP"] == pytest.approx(1.0)  # image 30 was never seen, so no misses
 
 
+@pytest.mark.pycocotools
 def test_bad_updates_raise(gt_file):
     ev = CocoEvaluator(str(gt_file), LABEL_TO_CAT)
     det = {"boxes": torch.zeros(1, 4), "scores": torch.ones(1), "labels": torch.tensor([5])}
@@ -136,6 +141,7 @@ class GroundTruthModel(torch.nn.Module):
         return res
 
 
+@pytest.mark.pycocotools
 def test_evaluate_loop_maps_boxes_to_original_pixels(tmp_path):
     paths = make_synthetic_coco(tmp_path, num_train=0, num_val=10, size=(48, 72), seed=2)
     # resized to a different shape than the files, so only orig_size gets the boxes back right
