@@ -4,7 +4,9 @@ Verbs: train, eval, predict, bench, info, demo. Model options take a preset and 
 overrides (``--set num_queries=100 decoder.num_points=2``). A checkpoint brings its own model
 config (preset, queries, input size, category names); flags given explicitly win over it.
 Errors a user can fix (a missing dataset, a wrong path, an unknown preset, a checkpoint that
-does not fit) are one line on stderr and exit status 2.
+does not fit) are one line on stderr and exit status 2. Arguments and paths are checked
+(:func:`validate`) before torch is imported and before any work: a mistake is answered at once,
+and nothing is built, trained or written.
 """
 from __future__ import annotations
 
@@ -402,8 +404,7 @@ def _build_model(args, num_classes: Optional[int] = None, checkpoint: Optional[s
 def cmd_info(args) -> int:
     from .info import main as info_main
 
-    info_main()
-    return 0
+    return info_main([])  # its own options are python -m rtdetr_fast.info's
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
