@@ -29,13 +29,15 @@ BEYOND_TORCH = ("import time, torch\n"
                 "print('BEYOND', time.perf_counter() - w, time.process_time() - c)\n")
 
 # python -m rtdetr_fast ARGS, as code (so that --pythonpath can come first)
-CLI = "import runpy, sys\nsys.argv = ['rtdetr_fast', {}]\nrunpy.run_module('rtdetr_fast', run_name='__main__')"
+CLI = ("import runpy, sys\nsys.argv = ['rtdetr_fast', {}]\n"
+       "runpy.run_module('rtdetr_fast', run_name='__main__')")
 
 CASES = [
     ("python -c pass", "pass"),
     ("import torch", "import torch"),
     ("import rtdetr_fast", "import rtdetr_fast"),
-    ("import torch, rtdetr_fast; rtdetr_fast.RTDETR", "import torch, rtdetr_fast; rtdetr_fast.RTDETR"),
+    ("import torch, rtdetr_fast; rtdetr_fast.RTDETR",
+     "import torch, rtdetr_fast; rtdetr_fast.RTDETR"),
     ("python -m rtdetr_fast --help", CLI.format("'--help'")),
     ("python -m rtdetr_fast eval --data /nonexistent (an error)",
      CLI.format("'eval', '--data', '/nonexistent', '--checkpoint', 'x.pth'")),
@@ -81,8 +83,10 @@ def main() -> None:
         wall, cpu = out.split("BEYOND")[1].split()
         beyond.append((float(wall), float(cpu)))
     rows["beyond torch: import rtdetr_fast; rtdetr_fast.RTDETR (in-process)"] = {
-        "wall_median": statistics.median(b[0] for b in beyond), "wall_min": min(b[0] for b in beyond),
-        "cpu_median": statistics.median(b[1] for b in beyond), "cpu_min": min(b[1] for b in beyond)}
+        "wall_median": statistics.median(b[0] for b in beyond),
+        "wall_min": min(b[0] for b in beyond),
+        "cpu_median": statistics.median(b[1] for b in beyond),
+        "cpu_min": min(b[1] for b in beyond)}
 
     import torch
 

@@ -15,7 +15,6 @@ import sys
 import zipfile
 
 import pytest
-import torch
 
 from rtdetr_fast import cli
 from rtdetr_fast.cli import main
