@@ -3,7 +3,8 @@
 // every group size G (1..32), vectorised and scalar loads (D % CPT != 0, a misaligned value),
 // D above one pass of 32 lanes, uniform and per-level point counts, locations on and past
 // the level borders (ix == -1, ix == W exactly, NaN, inf), forward, and backward with float
-// atomics (float4 atomics on sm_90) and in deterministic fixed point. Both sampling methods:
+// atomics (float4 atomics on sm_90) and in deterministic fixed point, with NaN and inf in the
+// gradient reaching the same value elements on both paths. Both sampling methods:
 // bilinear, and RT-DETRv2's discrete nearest cell (rounding edges x*W + 0.5 integer, clamping
 // on non-square levels, non-finite locations; zero location gradient), whose cases also check
 // that they tell the official's clamp of x to H_l - 1 from the right one. No torch.
@@ -23,6 +24,7 @@ struct Case {
   bool per_level;   // differing point counts per level
   bool misaligned;  // value pointer off 16-byte alignment: scalar loads and atomics
   int method;       // 0 bilinear, 1 discrete (the Method codes of ms_deform_attn_math.h)
+  bool nonfinite = false;  // NaN / +inf / -inf in grad_output and an attention weight
 };
 
 // Discrete sampling's cell along an axis: clamp(floor(t*n + 0.5), 0, hi) with hi = n - 1, or
@@ -96,6 +98,16 @@ std::string run_case(const Case& c, const char* name) {
   for (size_t i = 0; i < nv; ++i) harness::store(value, dt, i, nd(rng));
   for (size_t i = 0; i < na; ++i) harness::store(attn, dt, i, nd(rng));
   for (size_t i = 0; i < no; ++i) harness::store(gout, dt, i, nd(rng));
+  if (c.nonfinite) {
+    // a few elements of grad_output and one weight per batch image: each value element they
+    // reach must hold what float addition gives it (NaN, +inf, -inf; +inf meeting -inf is NaN),
+    // every other element its finite sum
+    harness::store(gout, dt, 1, NAN);
+    harness::store(gout, dt, no / 3, INFINITY);
+    harness::store(gout, dt, no / 3 + p.D, -INFINITY);
+    harness::store(gout, dt, no - 2, -INFINITY);
+    harness::store(attn, dt, na / 2 + 1, INFINITY);
+  }
   for (size_t i = 0; i < nl / 2; ++i) {
     const int j = static_cast<int>(i % p.N);
     int l = 0;
@@ -229,7 +241,7 @@ std::string run_case(const Case& c, const char* name) {
     unsigned* absmax = nullptr;
     void* gv = nullptr;
     if (det) {
-      fixed = alloc<unsigned long long>(nv, 0);
+      fixed = alloc<unsigned long long>(static_cast<size_t>(cu::fixed_words(static_cast<int64_t>(nv))), 0);
       absmax = alloc<unsigned>(2, 0);
       gv = alloc<char>(nv * es);
     } else {
@@ -243,10 +255,18 @@ std::string run_case(const Case& c, const char* name) {
     // the float32 accumulator (atomic path) rounds once less than the dtype output
     msg = det ? harness::compare((tag + "grad_value").c_str(), nv, r.gv, r.gv_s, gv, dt, tol)
               : harness::compare((tag + "grad_value").c_str(), nv, r.gv, r.gv_s, acc, 0, 2e-6);
-    if (msg.empty())
+    // the non-finite cases are about grad_value: the location and weight gradients of a
+    // non-finite product are NaN or inf by formulas whose forms differ from the loops here
+    if (msg.empty() && !c.nonfinite)
       msg = harness::compare((tag + "grad_loc").c_str(), nl, r.gl, r.gl_s, gl, dt, tol);
-    if (msg.empty())
+    if (msg.empty() && !c.nonfinite)
       msg = harness::compare((tag + "grad_attn").c_str(), na, r.ga, r.ga_s, ga, dt, tol);
+    if (msg.empty() && c.nonfinite) {
+      size_t special = 0, finite = 0;
+      for (size_t i = 0; i < nv; ++i) (std::isfinite(r.gv[i]) ? finite : special)++;
+      if (special == 0 || finite == 0)
+        msg = "the non-finite case reaches no value element, or every one";
+    }
     for (void* q : {gl, ga, static_cast<void*>(acc), static_cast<void*>(fixed),
                     static_cast<void*>(absmax), gv})
       if (q) harness::release(q);
@@ -273,6 +293,7 @@ int main(int argc, char** argv) {
       all.push_back({dt, 40 * cpt, false, false, method});
       all.push_back({dt, 3 * cpt - 2, true, false, method});  // scalar loads, G = 4
       all.push_back({dt, 2 * cpt, false, true, method});      // misaligned value
+      all.push_back({dt, 2 * cpt, false, false, method, true});  // NaN / inf gradients
     }
   }
   for (const Case& c : all) {
@@ -280,9 +301,10 @@ int main(int argc, char** argv) {
     int g = 1;
     while (g < (c.D + cpt - 1) / cpt && g < 32) g *= 2;
     char name[128];
-    snprintf(name, sizeof name, "msda/%s_D%lld_G%d%s%s%s", harness::dtype_name(c.dt),
+    snprintf(name, sizeof name, "msda/%s_D%lld_G%d%s%s%s%s", harness::dtype_name(c.dt),
              static_cast<long long>(c.D), g, c.per_level ? "_per_level" : "",
-             c.misaligned ? "_misaligned" : "", c.method ? "_discrete" : "");
+             c.misaligned ? "_misaligned" : "", c.method ? "_discrete" : "",
+             c.nonfinite ? "_nonfinite" : "");
     if (!filter.empty() && std::string(name).find(filter) == std::string::npos) continue;
     cases.report(name, run_case(c, name));
   }

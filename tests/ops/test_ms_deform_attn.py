@@ -551,6 +551,34 @@ def test_cuda_deterministic_backward_bit_identical(dtype):
 
 @pytest.mark.cuda
 @needs_native_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_deterministic_backward_nan_and_inf_where_the_reference_has_them(dtype):
+    """A non-finite grad_output element or attention weight makes NaN or inf of exactly the value
+    elements it reaches, as the atomic path and the reference do; the rest keep their sums."""
+    inputs = make_inputs(2, 40, 4, 16, [(8, 8), (4, 4), (2, 2)], 4, dtype=dtype, device="cuda")
+    value, ss, lsi, loc, attn = inputs
+    grad_out = torch.randn(2, 40, 64, device="cuda").to(dtype)
+    grad_out[0, 3, 5] = float("nan")
+    grad_out[1, 7, 2] = float("inf")
+    grad_out[1, 9, 2] = float("-inf")
+    attn = attn.clone()
+    attn[0, 11, 1, 0, 2] = float("inf")
+    inputs = (value, ss, lsi, loc, attn)
+    det = backward_twice_deterministic(inputs, grad_out)[0][0]
+    fast = run("native", *inputs, grad_out=grad_out)[1][0]
+    ref = run("reference", *inputs, grad_out=grad_out)[1][0]
+    assert torch.isfinite(ref).any() and not torch.isfinite(ref).all()
+    for got in (det, fast):
+        assert torch.equal(torch.isnan(got), torch.isnan(ref))
+        assert torch.equal(torch.isposinf(got), torch.isposinf(ref))
+        assert torch.equal(torch.isneginf(got), torch.isneginf(ref))
+    finite = torch.isfinite(ref)
+    tol = 2e-3 if dtype == torch.float16 else 1e-4
+    assert torch.allclose(det[finite].float(), ref[finite].float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.cuda
+@needs_native_cuda
 def test_cuda_opcheck_and_graph_capture():
     native._ensure_registered()
     value, ss, lsi, loc, attn = make_inputs(2, 3, 2, 8, [(3, 4), (1, 1)], 2, dtype=torch.float32,

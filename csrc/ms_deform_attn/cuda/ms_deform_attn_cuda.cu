@@ -203,18 +203,80 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Fixed-point scale of the deterministic backward: a value element receives at most one
-// corner of each of the Q * N samples of its (b, h), each at most max|a| * max|g| (bilinear
-// weights are <= 1, the discrete weight is 1), so scaling that bound to 2^61 cannot overflow
-// int64. Integer addition is associative, so the sum is the same whatever order the atomics
-// land in.
-__device__ __forceinline__ double fixed_scale(const Problem& p, const unsigned* absmax,
-                                              bool* finite) {
+// corner of each of the Q * N samples of its (b, h), each at most max|a| * max|g| over the
+// finite a and g (bilinear weights are <= 1, the discrete weight is 1), so scaling that bound to
+// 2^61 cannot overflow int64. Integer addition is associative, so the sum is the same whatever
+// order the atomics land in.
+__device__ __forceinline__ double fixed_scale(const Problem& p, const unsigned* absmax) {
   const float mg = __uint_as_float(absmax[0]), ma = __uint_as_float(absmax[1]);
   const double bound = static_cast<double>(mg) * static_cast<double>(ma) *
                        static_cast<double>(p.Q) * static_cast<double>(p.N);
-  *finite = isfinite(bound);
-  if (!(*finite) || !(bound > 0.0)) return 1.0;
+  if (!(bound > 0.0)) return 1.0;
   return ldexp(1.0, 60 - ilogb(bound));
+}
+
+// A non-finite contribution has no fixed-point value: the sums take the finite ones, and
+// flag_kernel marks the elements the others reach. Each value element keeps two bits beside its
+// sum (32 elements a 64-bit word, after the n sums): +inf seen, -inf seen; NaN sets both. Float
+// addition of such values does not depend on their order either (NaN absorbs, inf absorbs the
+// finite, +inf with -inf is NaN), so the element becomes exactly what the float atomics and the
+// reference give it, and the elements no non-finite contribution reaches keep their sums.
+constexpr unsigned long long kPosInf = 1ull, kNegInf = 2ull;
+
+// The flags, one thread per (row, lane) as in backward_kernel: a thread whose channels of
+// grad_output and whose row's weights are finite with a finite product of their maxima (the
+// bilinear weights are <= 1, so no product overflows) has nothing to flag; any other recomputes
+// the backward's products point by point from its own setup_point (the arithmetic of the lane
+// whose values the backward broadcast) and flags the non-finite ones. A separate kernel, so the
+// backward's registers are not shared with this rare path.
+template <typename T, int G>
+__global__ void __launch_bounds__(kThreads)
+    flag_kernel(const Problem p, const T* __restrict__ grad_out, const T* __restrict__ loc,
+                const T* __restrict__ attn, unsigned long long* __restrict__ fixed) {
+  constexpr int CPT = Chunk<T>::kCPT;
+  const int64_t rows = p.B * p.Q * p.H;
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / G;
+  if (row >= rows) return;
+  const int lane = static_cast<int>(threadIdx.x % G);
+  const int64_t h = row % p.H, b = row / (p.Q * p.H);
+  const int64_t row_stride = p.H * p.D;
+  const int64_t vbase = (b * p.S * p.H + h) * p.D;
+  const int64_t first = static_cast<int64_t>(lane) * CPT;
+  const T* __restrict__ go = grad_out + row * p.D;
+  bool special = false;
+  float mg = 0.f, ma = 0.f;
+  for (int64_t d0 = first; G < 32 ? d0 == first : d0 - first < p.D; d0 += G * CPT)
+    for (int i = 0; i < CPT && d0 + i < p.D; ++i) {
+      const float x = Elem<T>::to_float(go[d0 + i]);
+      if (isfinite(x)) mg = fmaxf(mg, fabsf(x)); else special = true;
+    }
+  for (int j = 0; j < p.N; ++j) {
+    const float x = Elem<T>::to_float(attn[row * p.N + j]);
+    if (isfinite(x)) ma = fmaxf(ma, fabsf(x)); else special = true;
+  }
+  if (!special && isfinite(mg * ma)) return;
+  const int ncorners = p.method == kMethodDiscrete ? 1 : 4;
+  unsigned long long* flags = fixed + p.B * p.S * p.H * p.D;
+  for (int j = 0; j < p.N; ++j) {
+    Point pt;
+    setup_point<T>(p, loc, attn, row, j, pt);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      if (c >= ncorners) break;
+      if (pt.c.row[c] < 0) continue;
+      const float wa = pt.a * pt.c.w[c];
+      for (int64_t d0 = first; G < 32 ? d0 == first : d0 - first < p.D; d0 += G * CPT) {
+        const int64_t off = vbase + static_cast<int64_t>(pt.c.row[c]) * row_stride + d0;
+        for (int i = 0; i < CPT && d0 + i < p.D; ++i) {
+          const float v = wa * Elem<T>::to_float(go[d0 + i]);
+          if (isfinite(v)) continue;
+          const unsigned long long code =
+              isnan(v) ? (kPosInf | kNegInf) : (v > 0.f ? kPosInf : kNegInf);
+          atomicOr(flags + (off + i) / 32, code << (2 * ((off + i) % 32)));
+        }
+      }
+    }
+  }
 }
 
 __device__ __forceinline__ void add_fixed(unsigned long long* dst, float v, double scale) {
@@ -256,8 +318,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row_stride = p.H * p.D;
   const int64_t vbase = (b * p.S * p.H + h) * p.D;
   const T* __restrict__ go = grad_out + row * p.D;
-  bool finite = true;
-  const double scale = deterministic ? fixed_scale(p, absmax, &finite) : 1.0;
+  const double scale = deterministic ? fixed_scale(p, absmax) : 1.0;
   const int ncorners = p.method == kMethodDiscrete ? 1 : 4;
   // the first channel chunk of grad_output stays in registers; wider D reloads (L1 hits)
   const int64_t first = static_cast<int64_t>(lane) * CPT;
@@ -306,7 +367,10 @@ __global__ void __launch_bounds__(kThreads)
           if (deterministic) {
 #pragma unroll
             for (int i = 0; i < CPT; ++i)
-              if (i < n) add_fixed(grad_value_fixed + off + i, wa[c] * g[i], scale);
+              if (i < n) {
+                const float v = wa[c] * g[i];
+                if (isfinite(v)) add_fixed(grad_value_fixed + off + i, v, scale);
+              }
           } else {
             add_float<CPT>(grad_value_acc + off, n, vec, wa[c], g);
           }
@@ -331,18 +395,21 @@ __global__ void __launch_bounds__(kThreads)
       grad_loc[2 * pj + 1] = Elem<T>::from_float(gy);
     }
   }
-  (void)finite;
 }
 
-// max |x| as float bits: for non-negative floats (NaN included) the bit patterns order like the
-// values, so an integer max is exact and order-independent.
+// max |x| over the finite x as float bits: for non-negative floats the bit patterns order like
+// the values, so an integer max is exact and order-independent. The non-finite x are left out:
+// their contributions take the flags, not the fixed-point sums.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     absmax_kernel(const T* __restrict__ x, int64_t n, unsigned* __restrict__ out) {
   unsigned m = 0;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kThreads)
-    m = max(m, __float_as_uint(Elem<T>::to_float(x[i])) & 0x7fffffffu);
+  {
+    const unsigned bits = __float_as_uint(Elem<T>::to_float(x[i])) & 0x7fffffffu;
+    if (bits < 0x7f800000u) m = max(m, bits);
+  }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, off));
   if ((threadIdx.x & 31u) == 0) atomicMax(out, m);
@@ -352,14 +419,21 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
     fixed_to_value_kernel(const Problem p, const unsigned long long* __restrict__ fixed,
                           const unsigned* __restrict__ absmax, T* __restrict__ out, int64_t n) {
-  bool finite = true;
-  const double scale = fixed_scale(p, absmax, &finite);
+  const double scale = fixed_scale(p, absmax);
+  const unsigned long long* flags = fixed + n;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    // a non-finite grad_output or weight has no fixed-point sum: report NaN, as float would
-    const float v = finite ? static_cast<float>(static_cast<double>(
-                                 static_cast<long long>(fixed[i])) / scale)
-                           : __int_as_float(0x7fc00000);
+    const unsigned long long code = (flags[i / 32] >> (2 * (i % 32))) & (kPosInf | kNegInf);
+    float v;
+    if (code == 0) {
+      v = static_cast<float>(static_cast<double>(static_cast<long long>(fixed[i])) / scale);
+    } else if (code == kPosInf) {
+      v = __int_as_float(0x7f800000);
+    } else if (code == kNegInf) {
+      v = __int_as_float(static_cast<int>(0xff800000u));
+    } else {
+      v = __int_as_float(0x7fc00000);
+    }
     out[i] = Elem<T>::from_float(v);
   }
 }
@@ -418,6 +492,9 @@ void launch_backward(const Problem& p, const T* go, const T* value, const T* loc
   const int64_t threads = p.B * p.Q * p.H * G;
   RTDETR_LAUNCH(blocks_for(threads), kThreads, 0, stream, backward_kernel<T, G>)(
       p, go, value, loc, attn, acc, fixed, absmax, gl, ga, vec, det);
+  if (det)
+    RTDETR_LAUNCH(blocks_for(threads), kThreads, 0, stream, flag_kernel<T, G>)(p, go, loc, attn,
+                                                                              fixed);
 }
 
 template <typename T>

@@ -29,8 +29,12 @@ cudaError_t forward(DType dtype, const Problem& p, const void* value, const void
                     const void* attn, void* out, cudaStream_t stream);
 
 // Atomic path: grad_value_acc is a zeroed float32 [B, S, H, D] (the output itself for float32).
-// Deterministic path (no float atomics): grad_value_fixed is a zeroed int64 [B, S, H, D] of
-// fixed-point sums, absmax two zeroed uint32, and grad_value_out receives the result in `dtype`.
+// Deterministic path (no float atomics): grad_value_fixed is fixed_words(n) zeroed int64 for the
+// n = B*S*H*D elements (their fixed-point sums, then the flags of their non-finite
+// contributions), absmax two zeroed uint32, and grad_value_out receives the result in `dtype`:
+// NaN and inf exactly where the float atomics put them, the other elements deterministic.
+inline int64_t fixed_words(int64_t n) { return n + (n + 31) / 32; }
+
 cudaError_t backward(DType dtype, const Problem& p, const void* grad_out, const void* value,
                      const void* loc, const void* attn, float* grad_value_acc,
                      unsigned long long* grad_value_fixed, unsigned int* absmax,

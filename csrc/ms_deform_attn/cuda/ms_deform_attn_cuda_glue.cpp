@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   at::Tensor grad_value, acc, fixed, absmax;
   if (deterministic) {
     grad_value = at::empty_like(value);
-    fixed = at::zeros(value.sizes(), value.options().dtype(at::kLong));
+    fixed = at::zeros({cuda::fixed_words(value.numel())}, value.options().dtype(at::kLong));
     absmax = at::zeros({2}, value.options().dtype(at::kInt));
   } else if (value.scalar_type() == at::kFloat) {
     grad_value = at::zeros_like(value);
