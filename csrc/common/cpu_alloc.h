@@ -11,9 +11,8 @@
 //
 // A freed block is kept for the next call (LargeBlockCache) instead of going back to the
 // kernel: under THP defrag "madvise" (also a common default) a fresh huge-page fault compacts
-// memory synchronously, and on a machine whose memory is fragmented that cost 130 ms of system
-// time in one 69 MB backward whose own work took 20 ms (measured here). A reused block is only
-// zeroed again: no faults at all.
+// memory synchronously, which on a machine whose memory is fragmented can cost several times the
+// backward's own work in system time. A reused block is only zeroed again: no faults at all.
 #pragma once
 
 #include <ATen/Parallel.h>

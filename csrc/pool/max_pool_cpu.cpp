@@ -1,7 +1,7 @@
 // rtdetr_fast::max_pool3x3s2: F.max_pool2d(x, kernel_size=3, stride=2, padding=1) on the CPU for
 // NCHW float32/float64, the ResNet stem's pool after deploy() runs the stem's convolutions as
-// Winograd kernels (NCHW). torch's NCHW max pool took 22-31 ms on [1, 64, 320, 320] here
-// (inductor's 6 ms), its channels_last one 1.4 ms; this one reads each input row at most twice.
+// Winograd kernels (NCHW). torch's NCHW max pool is many times slower than its channels_last
+// one (benchmarks/model/bench_rtdetr_cpu.py); this one reads each input row at most twice.
 //
 // Per output row: the elementwise max of input rows 2i-1, 2i, 2i+1 (those inside the image),
 // then along the row out[j] = max(r[2j-1], r[2j], r[2j+1]) from the row's even and odd phases,

@@ -64,7 +64,8 @@ namespace avx512 {
 // where a block's products ([36, C + K, Tb] floats, Tb >= 16 tiles) fit in about 1.5 MB of L2,
 // U is small enough (<= 2.5 MB) to be read again for every block, and there are 4+ blocks to
 // share among the threads. In the r18 detector that is the 64- and 128-channel layers at
-// 160x160 and 80x80, where it measured 2.3x and 1.1x faster in the compiled model (profiled);
+// 160x160 and 80x80, where it is the faster schedule in the compiled model
+// (benchmarks/ops/bench_rep_conv.py);
 // the wider layers and smaller maps run unfused. RTDETR_WINO_FUSED=0 turns it off (the tests
 // compare both schedules).
 int64_t fused_rows_per_block(int64_t C, int64_t K, int64_t nth, int64_t ntw, int64_t N) {

@@ -4,9 +4,9 @@
 
 ``F.max_pool2d(x, kernel_size=3, stride=2, padding=1)`` for NCHW float32/float64 CPU inference:
 after ``deploy()`` runs the stem's 3x3 convolutions as Winograd kernels, whose outputs are NCHW,
-torch's NCHW max pool was the slow step (22-31 ms eager, 6 ms compiled by inductor on
-[1, 64, 320, 320], against 1.4 ms channels_last, in runs on a 2-core AMD EPYC). Same values
-as torch's, NaN included; no gradient (calls that need one run torch's).
+torch's NCHW max pool was the slow step of the stem, many times its channels_last pool
+(benchmarks/model/bench_rtdetr_cpu.py measures the deployed stem). Same values as torch's, NaN
+included; no gradient (calls that need one run torch's).
 """
 from __future__ import annotations
 

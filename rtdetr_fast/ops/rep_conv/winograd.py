@@ -20,9 +20,9 @@ calls it does not cover, and channel counts below :func:`min_channels`, run the 
 (ops.rep_conv's native backend sends the narrow float32 ones to oneDNN, see native.py).
 Training on the CPU takes it through :func:`conv3x3_train` (an autograd Function: the kernel runs
 the forward and the input gradient, oneDNN the weight gradient), which the model's 3x3 stride-1
-ConvNormLayers use in float32 when :func:`trains` says so. At 64 channels the kernel
-wins (64 ch 160x160 with SiLU: 3.8 ms against 6.5 ms for torch's conv then SiLU,
-benchmarks/results/cpu-xeon-wino64-silu-2026-12-06.md). At 32 channels it wins only with the
+ConvNormLayers use in float32 when :func:`trains` says so. From 64 channels the kernel
+beats torch's conv then SiLU (benchmarks/ops/bench_rep_conv.py; benchmarks/RESULTS.md). At 32
+channels it wins only with the
 fused schedule (float32, AVX-512), where the stem's convs take it too; elsewhere they stay on
 oneDNN's channels_last convolution, which was faster there.
 """
@@ -40,9 +40,8 @@ _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
       (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 
 MIN_CHANNELS = 64  # C_in or C_out below this: the direct convolution
-# ... except in float32 where the AVX-512 GEMMs and the fused schedule run (the stem's 32-channel
-# convs at 320x320: 5.4 and 9.3 ms against 9.4 and 23.6 ms for oneDNN's channels_last conv in
-# one run on a 2-core AMD EPYC)
+# ... except in float32 where the AVX-512 GEMMs and the fused schedule run, which beat oneDNN's
+# channels_last conv on the stem's 32-channel convs at 320x320 (benchmarks/ops/bench_rep_conv.py)
 MIN_CHANNELS_FUSED = 32
 _DTYPES = (torch.float32, torch.float64)
 _registered = False
@@ -217,11 +216,9 @@ class _Conv3x3(torch.autograd.Function):
 
 
 # The least B*H*W for the training path: below it (20x20 maps at batch 2) the per-call weight
-# transforms and the short tile strips made forward+backward slower than oneDNN's in one run
-# on a 2-core AMD EPYC (512 ch 20x20: 73-77 against 58-65 ms), from 40x40 at batch 2 even or
-# faster (256 ch 40x40: 52 against 61 ms; 64 ch 160x160: 42-47 against 65 ms). At batch 8 the
-# 20x20 maps reach the bound and win too (512 ch: 185-202 against 231 ms; 256 ch: 54 against
-# 58 ms).
+# transforms and the short tile strips make forward+backward slower than oneDNN's; from 40x40 at
+# batch 2, and 20x20 at batch 8, the kernel is as fast or faster
+# (benchmarks/model/bench_train_step.py; benchmarks/results/cpu-train-step-*.log).
 MIN_TRAIN_PIXELS = 3200
 
 
