@@ -90,7 +90,9 @@ def main() -> None:
 
     import torch
 
-    print(f"package: {where}")
+    # the package's place: relative to here, or just "the --pythonpath tree"
+    shown = "the --pythonpath tree" if args.pythonpath else os.path.relpath(where)
+    print(f"package: {shown}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, {platform.machine()}, "
           f"{os.cpu_count()} cpus, {args.repeats} runs each")
     width = max(len(k) for k in rows)
@@ -100,7 +102,7 @@ def main() -> None:
               f"{r['cpu_median']:8.3f}  {r['cpu_min']:8.3f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"package": where, "torch": torch.__version__, "repeats": args.repeats,
+            json.dump({"package": shown, "torch": torch.__version__, "repeats": args.repeats,
                        "seconds": rows}, f, indent=1)
 
 
