@@ -16,6 +16,8 @@ from .. import ops
 from ..config import DecoderConfig
 from .common import (MLP, ShapeCache, bias_init_with_prob, feature_size, get_activation,
                      inverse_sigmoid)
+from .position import generate_anchors, tracing
+from .query_selection import select_queries
 
 
 class MSDeformableAttention(nn.Module):
@@ -423,67 +425,46 @@ class RTDETRDecoder(nn.Module):
     def generate_anchors(self, shapes, grid_size: float = 0.05, dtype=torch.float32,
                          device="cpu") -> Tuple[torch.Tensor, torch.Tensor]:
         """Unactivated anchors [1,S,4] (inf where invalid) and the valid mask [1,S,1], made on
-        ``device``."""
-        anchors = []
-        for lvl, (h, w) in enumerate(shapes):
-            gy, gx = torch.meshgrid(torch.arange(h, dtype=dtype, device=device),
-                                    torch.arange(w, dtype=dtype, device=device), indexing="ij")
-            xy = (torch.stack([gx, gy], -1).unsqueeze(0) + 0.5) / torch.tensor(
-                [w, h], dtype=dtype, device=device)
-            wh = torch.ones_like(xy) * grid_size * (2.0 ** lvl)
-            anchors.append(torch.cat([xy, wh], -1).reshape(-1, h * w, 4))
-        anchors = torch.cat(anchors, 1)
-        valid = ((anchors > self.eps) * (anchors < 1 - self.eps)).all(-1, keepdim=True)
-        anchors = torch.log(anchors / (1 - anchors))
-        anchors = torch.where(valid, anchors, torch.inf)
-        return anchors, valid
+        ``device`` (:func:`.position.generate_anchors` with this decoder's eps)."""
+        return generate_anchors(shapes, self.eps, grid_size, dtype=dtype, device=device)
 
     def anchors_for(self, shapes, device, dtype=torch.float32
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Cached :meth:`generate_anchors` (computed in float32, as the official model does,
-        then cast to ``dtype``); the valid mask comes in ``dtype`` too (1/0)."""
-        shapes = tuple(tuple(int(s) for s in hw) for hw in shapes)
-
+        then cast to ``dtype``); the valid mask comes in ``dtype`` too (1/0). Computed in the
+        graph, from the traced sizes, when an exporter traces the forward."""
         def make():
             anchors, valid = self.generate_anchors(shapes, device=device)
             return anchors.to(dtype), valid.to(dtype)
 
+        if tracing():
+            return make()
+        shapes = tuple(tuple(int(s) for s in hw) for hw in shapes)
         return self._anchor_cache.get(shapes, device, dtype, make)
 
     def _get_decoder_input(self, memory, shapes, denoising_class=None, denoising_bbox_unact=None):
         B, N = memory.shape[:2]
-        if N < self.num_queries:
+        # (an exported graph has no room for the check: its sizes are symbolic)
+        if not tracing() and N < self.num_queries:
             raise ValueError(f"the input gives N={N} anchors over feature maps {list(shapes)}, "
                              f"fewer than num_queries={self.num_queries}: use a larger image "
                              "or a smaller num_queries")
         # anchors stay float32 for half-precision memory (the official model's sum)
         anchors, valid = self.anchors_for(shapes, memory.device,
                                           torch.promote_types(memory.dtype, torch.float32))
-        memory = valid.to(memory.dtype) * memory
-        output_memory = self.enc_output(memory)
-        enc_class = self.enc_score_head(output_memory)
-        if self.select_before_box_head and not self.training:
-            # deploy(): the box head, row by row, runs on the K selected rows only instead of
-            # all N (the same rows of the same function; 8400 -> 300 at 640x640)
-            _, _, (picked, picked_anchors, enc_topk_logits) = ops.topk_select(
-                enc_class, self.num_queries,
-                [output_memory, anchors.expand(B, -1, -1).contiguous(), enc_class])
-            ref_unact = self.enc_bbox_head(picked) + picked_anchors
-            gathered = [ref_unact, enc_topk_logits, picked.detach()]
-        else:
-            enc_coord_unact = self.enc_bbox_head(output_memory) + anchors
-            targets = [enc_coord_unact, enc_class]
-            if not self.learnt_init_query:
-                targets.append(output_memory.detach())
-            _, _, gathered = ops.topk_select(enc_class, self.num_queries, targets)
-            ref_unact, enc_topk_logits = gathered[0], gathered[1]
+        # deploy(): in eval mode the encoder's box head runs on the K selected rows only
+        ref_unact, enc_topk_logits, selected = select_queries(
+            memory, anchors, valid, self.enc_output, self.enc_score_head, self.enc_bbox_head,
+            self.num_queries,
+            box_head_on_selected=self.select_before_box_head and not self.training,
+            gather_memory=not self.learnt_init_query)
         enc_topk_bboxes = torch.sigmoid(ref_unact)
         if denoising_bbox_unact is not None:
             ref_unact = torch.cat([denoising_bbox_unact, ref_unact], 1)
         if self.learnt_init_query:
             target = self.tgt_embed.weight.unsqueeze(0).tile([B, 1, 1])
         else:
-            target = gathered[2]
+            target = selected
         if denoising_class is not None:
             target = torch.cat([denoising_class, target], 1)
         return target, ref_unact.detach(), enc_topk_bboxes, enc_topk_logits

@@ -13,6 +13,8 @@ from .. import ops
 from ..config import EncoderConfig
 from .common import (ConvNormLayer, ShapeCache, bn_scale_shift, feature_size, get_activation,
                      nearest_upsample_to)
+# sincos_position_embedding is also imported from here
+from .position import sincos_position_embedding, tracing  # noqa: F401
 
 
 class RepVggBlock(nn.Module):
@@ -131,27 +133,6 @@ class TransformerEncoder(nn.Module):
         return src
 
 
-def sincos_position_embedding(w: int, h: int, embed_dim: int = 256,
-                              temperature: float = 10000.0, device=None) -> torch.Tensor:
-    """2-D sin-cos embedding [1, w*h, embed_dim], laid out exactly as the official encoder's.
-
-    The grid is built with meshgrid(w, h, indexing='ij'), so row t of the table belongs to
-    (x = t // h, y = t % h), while the tokens it is added to are flattened row-major
-    (y = t // w, x = t % w). The official models were trained with this pairing; it is kept.
-    """
-    if embed_dim % 4:
-        raise ValueError(f"embed_dim must be a multiple of 4, got {embed_dim}")
-    grid_w, grid_h = torch.meshgrid(torch.arange(int(w), dtype=torch.float32, device=device),
-                                    torch.arange(int(h), dtype=torch.float32, device=device),
-                                    indexing="ij")
-    pos_dim = embed_dim // 4
-    omega = 1.0 / (temperature ** (torch.arange(pos_dim, dtype=torch.float32, device=device)
-                                   / pos_dim))
-    out_w = grid_w.flatten()[:, None] @ omega[None]
-    out_h = grid_h.flatten()[:, None] @ omega[None]
-    return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)[None]
-
-
 class HybridEncoder(nn.Module):
     def __init__(self, cfg: EncoderConfig, eval_spatial_size: Tuple[int, int] | None = None):
         super().__init__()
@@ -205,12 +186,16 @@ class HybridEncoder(nn.Module):
 
     def position_embedding(self, w: int, h: int, device, dtype) -> torch.Tensor:
         """The [1, w*h, hidden] embedding, computed in float32 on ``device`` once per
-        ((w, h), device, dtype) and cached."""
+        ((w, h), device, dtype) and cached; computed in the graph, from the traced sizes,
+        when an exporter traces the forward."""
+        def make():
+            return sincos_position_embedding(w, h, self.hidden_dim, self.pe_temperature,
+                                             device=device).to(dtype)
+
+        if tracing():
+            return make()
         w, h = int(w), int(h)
-        return self._pos_cache.get(
-            (w, h), device, dtype,
-            lambda: sincos_position_embedding(w, h, self.hidden_dim, self.pe_temperature,
-                                              device=device).to(dtype))
+        return self._pos_cache.get((w, h), device, dtype, make)
 
     def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
         if len(feats) != len(self.in_channels):
