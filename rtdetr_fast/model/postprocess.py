@@ -1,7 +1,7 @@
 """Post-processing: sigmoid scores, top-K over queries x classes, boxes to image pixels."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -14,6 +14,15 @@ class PostProcessor(nn.Module):
         super().__init__()
         self.num_top_queries = num_top_queries
 
+    def detections(self, logits: torch.Tensor, boxes: torch.Tensor, image_sizes: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The top-K (query, class) pairs by sigmoid score, batched: ``logits`` [B,Q,C],
+        ``boxes`` [B,Q,4] cxcywh normalised, ``image_sizes`` [B,2] as (H, W) in pixels ->
+        scores [B,K], labels [B,K] int64, boxes [B,K,4] xyxy in pixels, K =
+        min(num_top_queries, Q*C). The exported graphs end in this too."""
+        k = min(self.num_top_queries, logits.shape[1] * logits.shape[2])
+        return ops.topk_detections(logits, boxes, image_sizes.to(boxes.device), k)
+
     @torch.no_grad()
     def forward(self, outputs: Dict[str, torch.Tensor], image_sizes: torch.Tensor
                 ) -> List[Dict[str, torch.Tensor]]:
@@ -21,7 +30,6 @@ class PostProcessor(nn.Module):
 
         Returns per image ``boxes`` [K,4] xyxy in pixels, ``scores`` [K], ``labels`` [K],
         sorted by score."""
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        k = min(self.num_top_queries, logits.shape[1] * logits.shape[2])
-        scores, labels, xyxy = ops.topk_detections(logits, boxes, image_sizes.to(boxes.device), k)
+        scores, labels, xyxy = self.detections(outputs["pred_logits"], outputs["pred_boxes"],
+                                               image_sizes)
         return [{"boxes": b, "scores": s, "labels": lab} for s, lab, b in zip(scores, labels, xyxy)]

@@ -12,11 +12,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from . import _backend
+from . import _backend, _export
 from ._backend import available_backends, backend, register
 from .ms_deform_attn import ms_deform_attn_reference
 from .ms_deform_attn.reference import METHODS as MSDA_METHODS
-from .pool import max_pool_3x3_s2
+from .max_pool import max_pool_3x3_s2
 from .rep_conv import ACTIVATIONS, rep_conv_reference
 from .topk_select import topk_detections_reference, topk_select_reference
 
@@ -206,6 +206,9 @@ def ms_deform_attn(value: torch.Tensor,
     """
     if not isinstance(method, str) or method not in MSDA_METHODS:
         raise ValueError(f"method must be one of {MSDA_METHODS}, got {method!r}")
+    if _export.current is not None:  # under an exporter: the op's export form
+        return _export.ms_deform_attn(value, spatial_shapes, sampling_locations,
+                                      attention_weights, num_points_list, method)
     if (isinstance(value, torch.Tensor) and isinstance(sampling_locations, torch.Tensor)
             and isinstance(attention_weights, torch.Tensor)
             and torch.is_autocast_enabled(value.device.type)):
@@ -242,6 +245,8 @@ def topk_select(logits: torch.Tensor, k: int, tensors: Sequence[torch.Tensor] = 
     ordered by the lower index; NaN ranks below every real score. Gradients flow to ``tensors``
     and to the scores.
     """
+    if _export.current is not None:  # under an exporter: the op's export form
+        return _export.topk_select(logits, k, tensors)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
         raise ValueError(f"logits must be [B, N, C], got "
                          f"{_shape(logits) if isinstance(logits, torch.Tensor) else type(logits)}")
@@ -264,6 +269,8 @@ def topk_detections(logits: torch.Tensor, boxes: torch.Tensor, image_sizes: torc
     logits [B,Q,C]; boxes [B,Q,4] cxcywh normalised; image_sizes [B,2] as (H, W) in pixels.
     Returns scores [B,K], labels [B,K] int64, boxes [B,K,4] xyxy in pixels.
     """
+    if _export.current is not None:  # under an exporter: the op's export form
+        return _export.topk_detections(logits, boxes, image_sizes, k)
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, Q, C], got {_shape(logits)}")
     B, Q, C = logits.shape
