@@ -258,7 +258,7 @@ def _max_pool_rows(devices: Sequence[str]) -> List[CheckRow]:
     import torch
     import torch.nn.functional as F
 
-    from .ops import pool
+    from .ops import max_pool as pool
 
     rows = []
     if "cpu" not in devices or not pool.available():

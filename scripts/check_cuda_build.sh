@@ -109,7 +109,7 @@ ops = sorted(n for n in torch._C._dispatch_get_all_op_names()
 assert ops, "no rtdetr_fast ops registered"
 # CPU-only by design: the CPU kernel of rep_conv (Winograd; on CUDA rep_conv has its own) and
 # the deployed CPU stem's NCHW max pool (CUDA runs torch's)
-CPU_ONLY = {"rtdetr_fast::winograd_conv3x3", "rtdetr_fast::max_pool3x3s2"}
+CPU_ONLY = {"rtdetr_fast::winograd_conv3x3", "rtdetr_fast::max_pool_3x3_s2"}
 for n in sorted(CPU_ONLY):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU"), f"{n} has no CPU kernel"
 missing = [n for n in ops if n not in CPU_ONLY

@@ -194,7 +194,7 @@ ops = sorted(n for n in torch._C._dispatch_get_all_op_names()
              if n.startswith("rtdetr_fast::") and "_triton" not in n)
 assert ops, "no rtdetr_fast ops registered"
 # CPU-only by design: rep_conv's CPU kernel (Winograd) and the CPU stem's max pool
-CPU_ONLY = {"rtdetr_fast::winograd_conv3x3", "rtdetr_fast::max_pool3x3s2"}
+CPU_ONLY = {"rtdetr_fast::winograd_conv3x3", "rtdetr_fast::max_pool_3x3_s2"}
 for n in ops:
     cpu = torch._C._dispatch_has_kernel_for_dispatch_key(n, "CPU")
     cuda = torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")

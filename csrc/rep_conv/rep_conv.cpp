@@ -1,12 +1,15 @@
-// Schema of rtdetr_fast::rep_conv (folded RepConv: act(conv3x3(x, weight, pad 1) + bias)) and its
-// boundary checks.
+// Schemas of folded RepConv, act(conv3x3(x, weight, pad 1) + bias), and the boundary checks:
+// rtdetr_fast::rep_conv (the CUDA kernel, cuda/rep_conv_cuda_glue.cpp) and
+// rtdetr_fast::winograd_conv3x3 (the CPU kernel, cpu/winograd_cpu.cpp, which takes the
+// Winograd-transformed weight).
 //
 // Layouts: x [B, C_in, H, W] and weight [C_out, C_in, 3, 3] in the channels_last memory format
 // (NHWC and [C_out][3][3][C_in] in memory), bias [C_out] contiguous or None; the result is
 // [B, C_out, H, W] channels_last. The Python binding (rtdetr_fast/ops/rep_conv/native.py) converts
 // to these layouts and routes what the kernel does not cover to the reference before calling.
 //
-// Only a CUDA kernel is registered (cuda/rep_conv_cuda_glue.cpp); the reference serves the CPU.
+// rep_conv has only a CUDA kernel; on the CPU, ops.rep_conv calls winograd_conv3x3 with the
+// weight's kept transform (rtdetr_fast/ops/rep_conv/winograd.py), or the reference.
 #include <torch/library.h>
 
 #include <climits>
@@ -69,4 +72,8 @@ void check_args(const at::Tensor& x, const at::Tensor& weight,
 
 TORCH_LIBRARY_FRAGMENT(rtdetr_fast, m) {
   m.def("rep_conv(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor");
+  // the CPU kernel of folded RepConv (cpu/winograd_cpu.cpp): the weight comes Winograd-
+  // transformed ([36, C_out, C_in], made once per weight on the Python side), NCHW float32/64
+  m.def(
+      "winograd_conv3x3(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor");
 }

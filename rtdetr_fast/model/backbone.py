@@ -128,7 +128,7 @@ class PResNet(nn.Module):
         the Winograd kernel and the extension's max pool where every 3x3 stride-1 conv of the
         stem is wide enough for the kernel (32 channels with its AVX-512 build, else 64: see
         ops.rep_conv.winograd), else channels_last with oneDNN's convolutions."""
-        from ..ops import pool
+        from ..ops import max_pool as pool
         from ..ops.rep_conv import winograd
 
         convs = [m for m in self.conv1.modules()

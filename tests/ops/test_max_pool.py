@@ -1,4 +1,4 @@
-"""rtdetr_fast::max_pool3x3s2, the deployed CPU stem's NCHW max pool: torch's
+"""rtdetr_fast::max_pool_3x3_s2, the deployed CPU stem's NCHW max pool: torch's
 F.max_pool2d(x, 3, stride=2, padding=1) value for value (NaN and infinities included), odd and
 tiny maps, bad input, the wrapper's fallbacks, opcheck and torch.compile."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from rtdetr_fast import ops
-from rtdetr_fast.ops import pool
+from rtdetr_fast.ops import max_pool as pool
 
 pytestmark = pytest.mark.skipif(not pool.available(), reason="rtdetr_fast._C not built")
 
@@ -30,7 +30,7 @@ def test_equals_torch(shape, dtype):
         flat[idx[:2]] = float("nan")
         flat[idx[2:4]] = float("inf")
         flat[idx[4:]] = -float("inf")
-    got = torch.ops.rtdetr_fast.max_pool3x3s2(x)
+    got = torch.ops.rtdetr_fast.max_pool_3x3_s2(x)
     want = _ref(x)
     assert got.shape == want.shape and got.dtype == dtype
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
@@ -39,7 +39,7 @@ def test_equals_torch(shape, dtype):
 def test_all_negative_border():
     """Padding never wins: a map of large negative values keeps them at the border."""
     x = -1e30 - torch.rand(1, 2, 5, 6)
-    torch.testing.assert_close(torch.ops.rtdetr_fast.max_pool3x3s2(x), _ref(x), rtol=0, atol=0)
+    torch.testing.assert_close(torch.ops.rtdetr_fast.max_pool_3x3_s2(x), _ref(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -51,7 +51,7 @@ def test_all_negative_border():
 def test_bad_input_raises_one_line(bad, match):
     x = torch.randn(1, 2, 5, 6)
     with pytest.raises(RuntimeError, match=match) as info:
-        torch.ops.rtdetr_fast.max_pool3x3s2(bad(x))
+        torch.ops.rtdetr_fast.max_pool_3x3_s2(bad(x))
     assert "\n" not in str(info.value).split("\nException raised from")[0].strip()
 
 
@@ -61,7 +61,7 @@ def test_wrapper_uses_the_kernel_and_falls_back():
     x = torch.randn(2, 3, 9, 10)
     with torch.no_grad(), profile() as prof:
         out = ops.max_pool_3x3_s2(x)
-    assert any(e.key == "rtdetr_fast::max_pool3x3s2" for e in prof.key_averages())
+    assert any(e.key == "rtdetr_fast::max_pool_3x3_s2" for e in prof.key_averages())
     torch.testing.assert_close(out, _ref(x), rtol=0, atol=0)
     # torch's pool where the kernel does not apply: channels_last, bfloat16, a gradient
     cl = x.contiguous(memory_format=torch.channels_last)
@@ -75,7 +75,7 @@ def test_wrapper_uses_the_kernel_and_falls_back():
 
 def test_opcheck():
     x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.rtdetr_fast.max_pool3x3s2.default, (x,),
+    torch.library.opcheck(torch.ops.rtdetr_fast.max_pool_3x3_s2.default, (x,),
                           test_utils=("test_schema", "test_faketensor"))
 
 

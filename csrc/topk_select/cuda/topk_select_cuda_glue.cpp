@@ -12,13 +12,10 @@
 #include <algorithm>
 
 #include "topk_select/cuda/topk_select_cuda.h"
+#include "topk_select/topk_select.h"
 
 namespace rtdetr_fast {
 namespace topk {
-
-void check_select(const at::Tensor& logits, int64_t k);
-void check_detections(const at::Tensor& scores, const at::Tensor& boxes,
-                      const at::Tensor& image_sizes, int64_t k);
 
 namespace {
 

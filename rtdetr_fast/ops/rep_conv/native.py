@@ -1,4 +1,4 @@
-"""Binding of the extension's folded RepConv kernels (csrc/rep_conv/, csrc/winograd/).
+"""Binding of the extension's folded RepConv kernels (csrc/rep_conv/: cuda/ and, on the CPU, the Winograd kernel in cpu/).
 
   rtdetr_fast::rep_conv(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor
   rtdetr_fast::winograd_conv3x3(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor

@@ -1,4 +1,4 @@
-"""The CPU kernel of folded RepConv: ``rtdetr_fast::winograd_conv3x3`` (csrc/winograd/).
+"""The CPU kernel of folded RepConv: ``rtdetr_fast::winograd_conv3x3`` (csrc/rep_conv/cpu/).
 
   rtdetr_fast::winograd_conv3x3(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor
 
@@ -7,7 +7,7 @@ output tile instead of 144, as 36 GEMMs over the channels between an input and a
 transform written in C++. ``weight`` is the transformed kernel ``U = G w G^T``
 ([36, C_out, C_in], :func:`winograd_weight`), made in float64 once per weight and kept.
 
-The GEMMs: in float32 on a CPU with AVX-512, the kernel's own (csrc/winograd/
+The GEMMs: in float32 on a CPU with AVX-512, the kernel's own (csrc/rep_conv/cpu/
 winograd_gemm_avx512.inc), and for narrow layers on large maps (64-128 channels at 80x80 and
 up) a fused schedule in which each thread transforms, multiplies and transforms back blocks of
 tile rows in its own cache; elsewhere (float64, no AVX-512, ``RTDETR_FAST_NO_AVX512=1``)

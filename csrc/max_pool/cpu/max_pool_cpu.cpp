@@ -1,4 +1,4 @@
-// rtdetr_fast::max_pool3x3s2: F.max_pool2d(x, kernel_size=3, stride=2, padding=1) on the CPU for
+// rtdetr_fast::max_pool_3x3_s2: F.max_pool2d(x, kernel_size=3, stride=2, padding=1) on the CPU for
 // NCHW float32/float64, the ResNet stem's pool after deploy() runs the stem's convolutions as
 // Winograd kernels (NCHW). torch's NCHW max pool is many times slower than its channels_last
 // one (benchmarks/model/bench_rtdetr_cpu.py); this one reads each input row at most twice.
@@ -19,7 +19,7 @@
 #include "common/checks.h"
 
 namespace rtdetr_fast {
-namespace pool {
+namespace max_pool {
 namespace {
 
 template <typename T>
@@ -28,7 +28,7 @@ inline T nan_max(T a, T b) {
 }
 
 template <typename T>
-void max_pool3x3s2_kernel(const T* x, T* y, int64_t planes, int64_t H, int64_t W, int64_t Ho,
+void max_pool_3x3_s2_kernel(const T* x, T* y, int64_t planes, int64_t H, int64_t W, int64_t Ho,
                           int64_t Wo) {
   const T ninf = -std::numeric_limits<T>::infinity();
   at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
@@ -67,31 +67,27 @@ void max_pool3x3s2_kernel(const T* x, T* y, int64_t planes, int64_t H, int64_t W
   });
 }
 
-at::Tensor max_pool3x3s2_cpu(const at::Tensor& x) {
+at::Tensor max_pool_3x3_s2_cpu(const at::Tensor& x) {
   RTDETR_CHECK_DIM(x, 4, "[N, C, H, W]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "rtdetr_fast::max_pool3x3s2 runs float32 or float64, got ", x.scalar_type());
+              "rtdetr_fast::max_pool_3x3_s2 runs float32 or float64, got ", x.scalar_type());
   RTDETR_CHECK_CONTIGUOUS(x);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(H >= 1 && W >= 1, "x must have a nonempty map, got ", x.sizes());
   const int64_t Ho = (H - 1) / 2 + 1, Wo = (W - 1) / 2 + 1;
   at::Tensor y = at::empty({N, C, Ho, Wo}, x.options());
   if (y.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool3x3s2_cpu", [&] {
-    max_pool3x3s2_kernel<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), N * C, H, W,
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_pool_3x3_s2_cpu", [&] {
+    max_pool_3x3_s2_kernel<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), N * C, H, W,
                                    Ho, Wo);
   });
   return y;
 }
 
 }  // namespace
-}  // namespace pool
+}  // namespace max_pool
 }  // namespace rtdetr_fast
 
-TORCH_LIBRARY_FRAGMENT(rtdetr_fast, m) {
-  m.def("max_pool3x3s2(Tensor x) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(rtdetr_fast, CPU, m) {
-  m.impl("max_pool3x3s2", &rtdetr_fast::pool::max_pool3x3s2_cpu);
+  m.impl("max_pool_3x3_s2", &rtdetr_fast::max_pool::max_pool_3x3_s2_cpu);
 }

@@ -39,14 +39,14 @@ namespace winograd {
 namespace {
 
 namespace baseline {
-#include "winograd/winograd_cpu_kernels.inc"
+#include "rep_conv/cpu/winograd_cpu_kernels.inc"
 }  // namespace baseline
 
 #ifdef RTDETR_CPU_AVX2
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
-#include "winograd/winograd_cpu_kernels.inc"
+#include "rep_conv/cpu/winograd_cpu_kernels.inc"
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -54,8 +54,8 @@ namespace avx2 {
 #pragma GCC target("avx512f,avx2,fma")
 #include <immintrin.h>
 namespace avx512 {
-#include "winograd/winograd_cpu_kernels.inc"
-#include "winograd/winograd_gemm_avx512.inc"
+#include "rep_conv/cpu/winograd_cpu_kernels.inc"
+#include "rep_conv/cpu/winograd_gemm_avx512.inc"
 }  // namespace avx512
 #pragma GCC pop_options
 #endif
@@ -162,11 +162,6 @@ at::Tensor winograd_conv3x3_cpu(const at::Tensor& x, const at::Tensor& weight,
 
 }  // namespace winograd
 }  // namespace rtdetr_fast
-
-TORCH_LIBRARY_FRAGMENT(rtdetr_fast, m) {
-  m.def(
-      "winograd_conv3x3(Tensor x, Tensor weight, Tensor? bias, str activation) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(rtdetr_fast, CPU, m) {
   m.impl("winograd_conv3x3", &rtdetr_fast::winograd::winograd_conv3x3_cpu);
