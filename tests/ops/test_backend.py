@@ -75,3 +75,30 @@ def test_info_runs():
                          text=True)
     assert res.returncode == 0, res.stderr
     assert "torch" in res.stdout and "ms_deform_attn" in res.stdout
+
+
+def test_backends_of_an_op_never_import_each_other():
+    """reference.py, native.py, triton.py and export.py of an op share pieces only through the
+    op's _common.py (or the package-level _backend)."""
+    import ast
+    import pathlib
+
+    import rtdetr_fast.ops as ops_pkg
+
+    backends = {"reference", "native", "triton", "export"}
+    root = pathlib.Path(ops_pkg.__file__).parent
+    seen = 0
+    for op_dir in sorted(p for p in root.iterdir() if (p / "__init__.py").is_file()):
+        for path in sorted(op_dir.glob("*.py")):
+            if path.stem not in backends:
+                continue
+            seen += 1
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = []
+                if isinstance(node, ast.ImportFrom) and node.level == 1:
+                    names = [node.module] if node.module else [a.name for a in node.names]
+                for name in names:
+                    first = name.split(".")[0]
+                    assert first not in backends or first == path.stem, (
+                        f"{path.relative_to(root)} imports the {first} backend")
+    assert seen >= 10

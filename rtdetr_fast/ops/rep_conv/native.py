@@ -25,10 +25,9 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .reference import ACTIVATIONS, rep_conv_reference
 from . import onednn as _onednn
 from . import winograd as _winograd
-from .triton import check_same, empty_output
+from ._common import ACTIVATIONS, check_same, conv_act, empty_output
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _registered = False
@@ -77,9 +76,9 @@ def rep_conv_native(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             return _winograd.rep_conv_winograd(x, weight, bias, activation)
         if _onednn.fusable(x, weight, bias):
             return _onednn.conv_act(x, weight, bias, (1, 1), (1, 1), (1, 1), 1, activation)
-        return rep_conv_reference(x, weight, bias, activation)
+        return conv_act(x, weight, bias, activation)
     if not kernel_covers(x, weight, bias):
-        return rep_conv_reference(x, weight, bias, activation)
+        return conv_act(x, weight, bias, activation)
     # no-ops for a channels_last model (RepVggBlock.fold stores its weight channels_last)
     x = x.contiguous(memory_format=torch.channels_last)
     weight = weight.contiguous(memory_format=torch.channels_last)

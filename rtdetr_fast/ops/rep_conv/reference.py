@@ -4,19 +4,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-ACTIVATIONS = ("silu", "relu", "identity")
+from ._common import ACTIVATIONS, apply_activation, conv_act
 
-
-def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "silu":
-        return F.silu(x)
-    if activation == "relu":
-        return F.relu(x)
-    return x
+__all__ = ["ACTIVATIONS", "apply_activation", "rep_conv_reference"]
 
 
 def rep_conv_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        activation: str = "silu") -> torch.Tensor:
-    return apply_activation(F.conv2d(x, weight, bias, stride=1, padding=1), activation)
+    return conv_act(x, weight, bias, activation)

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from .. import _backend
-from .reference import ACTIVATIONS, rep_conv_reference
+from ._common import ACTIVATIONS, apply_activation, check_same, conv_act, empty_output
 
 ACT_CODE = {"identity": 0, "relu": 1, "silu": 2}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -154,24 +154,6 @@ def _fallback_reason(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return None
 
 
-def check_same(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    """The dtype/device agreement the public function leaves to the backend (shared by native)."""
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
-    if bias is not None and bias.dtype != x.dtype:
-        raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"weight is on {weight.device}, x on {x.device}")
-    if bias is not None and bias.device != x.device:
-        raise ValueError(f"bias is on {bias.device}, x on {x.device}")
-
-
-def empty_output(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    B, _, H, W = x.shape
-    return torch.empty((B, weight.shape[0], H, W), dtype=x.dtype, device=x.device,
-                       memory_format=torch.channels_last)
-
-
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
            activation: str) -> torch.Tensor:
     """Run the kernel on valid input (the custom op's body)."""
@@ -183,7 +165,6 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         return y
     if C_in == 0:
         # an empty K: the conv is zero, the output is act(bias)
-        from .reference import apply_activation
         b = (bias if bias is not None else x.new_zeros(C_out)).view(1, C_out, 1, 1)
         return y.copy_(apply_activation(b.expand_as(y), activation))
     interpreting = _backend.triton_interpreting()
@@ -238,5 +219,5 @@ def rep_conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     check_same(x, weight, bias)
     if _fallback_reason(x, weight, bias) is not None:
-        return rep_conv_reference(x, weight, bias, activation)
+        return conv_act(x, weight, bias, activation)
     return _rep_conv_op(x, weight, bias, activation)

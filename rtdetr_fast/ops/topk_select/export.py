@@ -11,7 +11,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from .reference import detections_epilogue, gather_rows
+from ._common import detections_epilogue, gather_rows
 
 __all__ = ["topk_select_export", "topk_detections_export"]
 

@@ -1,4 +1,4 @@
-"""Bindings of the extension's top-K ops, and the pieces every top-K backend shares.
+"""Bindings of the extension's top-K ops.
 
 The extension (csrc/topk_select/) defines
   rtdetr_fast::topk_select_indices(Tensor logits, int k) -> (Tensor scores, Tensor indices)
@@ -21,49 +21,11 @@ import importlib
 import torch
 
 from .. import _backend
-# the gathers and the post-processing epilogue are the reference's own, shared by every backend
-from .reference import _rank, detections_epilogue, gather_rows  # noqa: F401
+from ._common import (detections_epilogue, detections_fake, gather_rows, rank, select_backward,
+                      select_fake, select_setup_context)
 
 
-# -- shared by the native and triton backends ------------------------------------------------
 
-def rank_with_torch(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The reference's ranking of [B, N] scores (the fallback for very large K)."""
-    return _rank(scores, k)
-
-
-def select_setup_context(ctx, inputs, output) -> None:
-    logits, _ = inputs
-    scores, idx = output
-    ctx.save_for_backward(logits, scores, idx)
-
-
-def select_backward(ctx, grad_scores, grad_idx):
-    logits, scores, idx = ctx.saved_tensors
-    C = logits.shape[-1]
-    where = idx.unsqueeze(-1).expand(-1, -1, C)
-    rows = logits.gather(1, where)
-    s = scores.unsqueeze(-1)
-    # the anchors' maxima share the gradient, as torch.amax's backward does
-    hit = (rows == s) | (rows.isnan() & s.isnan())
-    share = hit.to(grad_scores.dtype) / hit.sum(-1, keepdim=True).clamp_min(1).to(
-        grad_scores.dtype)
-    grad = torch.zeros_like(logits).scatter(1, where, share * grad_scores.unsqueeze(-1))
-    return grad, None
-
-
-def select_fake(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    B = logits.shape[0]
-    return logits.new_empty(B, k), logits.new_empty(B, k, dtype=torch.int64)
-
-
-def detections_fake(scores, boxes, image_sizes, k):
-    B = scores.shape[0]
-    return (scores.new_empty(B, k), scores.new_empty(B, k, dtype=torch.int64),
-            boxes.new_empty(B, k, 4))
-
-
-# -- the native backend ------------------------------------------------------------------------
 
 _registered = False
 # Read from the extension once, when it loads: a plain global is a constant to torch.compile,
@@ -104,7 +66,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def topk_select_native(logits: torch.Tensor, k: int, tensors: Sequence[torch.Tensor] = ()
                        ) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
     if k > max_k() or logits.dtype not in KERNEL_DTYPES:
-        scores, idx = rank_with_torch(logits.amax(-1), k)
+        scores, idx = rank(logits.amax(-1), k)
         return scores, idx, gather_rows(idx, tensors)
     scores, idx = torch.ops.rtdetr_fast.topk_select_indices(logits.contiguous(), k)
     return scores, idx, gather_rows(idx, tensors)
@@ -119,7 +81,7 @@ def topk_detections_native(logits: torch.Tensor, boxes: torch.Tensor,
     scores = torch.sigmoid(logits)
     if (k > max_k() or scores.dtype not in KERNEL_DTYPES or boxes.dtype not in KERNEL_DTYPES
             or image_sizes.dtype != torch.int64):
-        s, idx = rank_with_torch(scores.flatten(1), k)
+        s, idx = rank(scores.flatten(1), k)
         return detections_epilogue(s, idx, boxes, image_sizes, logits.shape[-1])
     return torch.ops.rtdetr_fast.topk_detections(scores.contiguous(), boxes.contiguous(),
                                                  image_sizes.contiguous(), k)

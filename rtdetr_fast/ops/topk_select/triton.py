@@ -21,7 +21,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from . import native as _shared
+from . import _common as _shared
 
 # stage 2 sorts 2*KP keys in one program; past this K is a full sort, not a top-K, and runs on
 # the torch ops of the reference (same order, same keys)
@@ -139,7 +139,7 @@ def select_indices(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Te
     logits = logits.contiguous()
     B = logits.shape[0]
     if k > MAX_K or logits.dtype not in KERNEL_DTYPES:
-        return _shared.rank_with_torch(logits.amax(-1), k)
+        return _shared.rank(logits.amax(-1), k)
     cand, kp = _candidates(logits, k)
     scores = torch.empty(B, k, dtype=logits.dtype, device=logits.device)
     idx = torch.empty(B, k, dtype=torch.int64, device=logits.device)
@@ -158,7 +158,7 @@ def detections(scores: torch.Tensor, boxes: torch.Tensor, image_sizes: torch.Ten
     boxes = boxes.contiguous()
     image_sizes = image_sizes.contiguous()
     if k > MAX_K or scores.dtype not in KERNEL_DTYPES:
-        s, idx = _shared.rank_with_torch(flat[..., 0], k)
+        s, idx = _shared.rank(flat[..., 0], k)
         return _shared.detections_epilogue(s, idx, boxes, image_sizes, C)
     cand, kp = _candidates(flat, k)
     out_s = torch.empty(B, k, dtype=scores.dtype, device=scores.device)
