@@ -152,7 +152,8 @@ class DeployModel(nn.Module):
                 m.project_after_sampling = False
         if hasattr(model.backbone, "winograd_stem"):
             model.backbone.winograd_stem = False
-        # and the encoder's box head on every memory token, before the top-K (as measured)
+        # and the encoder's box head on every memory token before the top-K, as the exported
+        # graph has always had it
         model.decoder.select_before_box_head = False
         self.model = model
         self.grid_sample = bool(grid_sample)
