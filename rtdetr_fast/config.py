@@ -2,8 +2,9 @@
 and RT-DETRv2.
 
 The presets reproduce the official YAML configs (``rtdetr_pytorch/configs/rtdetr/*.yml`` and
-``rtdetrv2_pytorch/configs/rtdetrv2/*.yml``) field for field. Every field is an override of
-:func:`get_config`.
+``rtdetrv2_pytorch/configs/rtdetrv2/*.yml``; for the v1 HGNetv2 presets, the paper's RT-DETR-L
+and X, ``rtdetr_paddle/configs/rtdetr/rtdetr_hgnetv2_*.yml``) field for field. Every field is
+an override of :func:`get_config`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class BackboneConfig:
+    # ResNet-vd ("presnet"): depth 18-152, variant "a"-"d"
     depth: int = 50
+    # the family's member: ResNet's "d"; HGNetv2's "B0"-"B6" or "L" / "X" / "H" (B4 / B5 / B6)
     variant: str = "d"
     num_stages: int = 4
     return_idx: Tuple[int, ...] = (1, 2, 3)
@@ -33,6 +36,10 @@ class BackboneConfig:
     freeze_at: int = 0
     # freeze_norm replaces every BatchNorm2d by FrozenBatchNorm2d (statistics as buffers)
     freeze_norm: bool = True
+    # the backbone family, a name of model.backbones.BACKBONES: "presnet" or "hgnetv2"
+    name: str = "presnet"
+    # HGNetv2: a learnable affine (scale, bias) after every activation (the B0-B3 configs)
+    use_lab: bool = False
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,21 @@ def _v2(name, *args, **kw) -> RTDETRConfig:
     return _preset(name, *args, version="v2", **kw)
 
 
+def _hgnetv2(name, variant, hidden_dim, dim_feedforward, num_encoder_layers, version
+             ) -> RTDETRConfig:
+    # rtdetrv2_pytorch/configs/rtdetrv2/rtdetrv2_hgnetv2_*.yml and, for v1,
+    # rtdetr_paddle/configs/rtdetr/rtdetr_hgnetv2_*.yml: the r50vd config with the backbone
+    # replaced (its stem frozen, frozen norms) and the encoder widened for X and H
+    return RTDETRConfig(
+        name=name,
+        backbone=BackboneConfig(name="hgnetv2", variant=variant, freeze_at=0, freeze_norm=True),
+        encoder=EncoderConfig(in_channels=(512, 1024, 2048), hidden_dim=hidden_dim,
+                              dim_feedforward=dim_feedforward,
+                              num_encoder_layers=num_encoder_layers, version=version),
+        decoder=DecoderConfig(version=version),
+    )
+
+
 PRESETS = {
     "rtdetr_r18vd": _preset("rtdetr_r18vd", 18, False, (128, 256, 512), 256, 1024, 0.5, 3),
     "rtdetr_r34vd": _preset("rtdetr_r34vd", 34, False, (128, 256, 512), 256, 1024, 0.5, 4),
@@ -167,9 +189,18 @@ PRESETS = {
                             eval_idx=2),
     "rtdetrv2_r50vd": _v2("rtdetrv2_r50vd", 50, True, (512, 1024, 2048), 256, 1024, 1.0, 6),
     "rtdetrv2_r101vd": _v2("rtdetrv2_r101vd", 101, True, (512, 1024, 2048), 384, 2048, 1.0, 6),
+    # the paper's RT-DETR-L / X (v1 decoder) and RT-DETRv2-L / X / H
+    "rtdetr_hgnetv2_l": _hgnetv2("rtdetr_hgnetv2_l", "L", 256, 1024, 1, "v1"),
+    "rtdetr_hgnetv2_x": _hgnetv2("rtdetr_hgnetv2_x", "X", 384, 2048, 1, "v1"),
+    "rtdetrv2_hgnetv2_l": _hgnetv2("rtdetrv2_hgnetv2_l", "L", 256, 1024, 1, "v2"),
+    "rtdetrv2_hgnetv2_x": _hgnetv2("rtdetrv2_hgnetv2_x", "X", 384, 2048, 1, "v2"),
+    "rtdetrv2_hgnetv2_h": _hgnetv2("rtdetrv2_hgnetv2_h", "H", 512, 2048, 2, "v2"),
 }
 
 VERSIONS = ("v1", "v2")
+BACKBONE_NAMES = ("presnet", "hgnetv2")
+# model/backbones/hgnetv2.py's table (kept here so the config needs no model import)
+HGNETV2_VARIANTS = ("B0", "B1", "B2", "B3", "B4", "B5", "B6", "L", "X", "H")
 CROSS_ATTN_METHODS = ("default", "discrete")
 QUERY_SELECT_METHODS = ("default", "agnostic")
 
@@ -258,8 +289,14 @@ def _field_names(obj) -> set:
 
 def _validate(cfg: RTDETRConfig) -> None:
     enc, dec, bb = cfg.encoder, cfg.decoder, cfg.backbone
-    if bb.depth not in (18, 34, 50, 101, 152):
+    if bb.name not in BACKBONE_NAMES:
+        raise ValueError(f"backbone name must be one of {', '.join(BACKBONE_NAMES)}, "
+                         f"got {bb.name!r}")
+    if bb.name == "presnet" and bb.depth not in (18, 34, 50, 101, 152):
         raise ValueError(f"backbone depth must be one of 18, 34, 50, 101, 152, got {bb.depth}")
+    if bb.name == "hgnetv2" and bb.variant not in HGNETV2_VARIANTS:
+        raise ValueError(f"hgnetv2 variant must be one of {', '.join(HGNETV2_VARIANTS)}, "
+                         f"got {bb.variant!r}")
     if enc.hidden_dim % 4:
         raise ValueError(f"encoder hidden_dim must be a multiple of 4, got {enc.hidden_dim}")
     if dec.hidden_dim % dec.nhead:

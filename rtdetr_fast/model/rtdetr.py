@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import RTDETRConfig, get_config
-from .backbone import PResNet
+from .backbones import build_backbone
 from .common import box_xyxy_to_cxcywh
 from .criterion import RTDETRCriterion
 from .decoder import MSDeformableAttention, RTDETRDecoder
@@ -37,7 +37,7 @@ class RTDETR(nn.Module):
         enc = config.encoder
         # attribute order matches the official model (backbone, decoder, encoder) so that the
         # state dict lists keys in the released checkpoints' order
-        self.backbone = PResNet(config.backbone)
+        self.backbone = build_backbone(config.backbone)
         if list(self.backbone.out_channels) != list(enc.in_channels):
             raise ValueError(f"encoder in_channels {list(enc.in_channels)} do not match the "
                              f"backbone's outputs {self.backbone.out_channels}")
@@ -280,6 +280,9 @@ class RTDETR(nn.Module):
         self.eval()
         self.fold_rep_convs()
         fold_batch_norms(self)
+        if hasattr(self.backbone, "fold_norms"):
+            # a backbone whose conv + norm pairs are its own modules folds them itself
+            self.backbone.fold_norms()
         if hasattr(self.backbone, "deploy_stem"):
             self.backbone.deploy_stem()
         self.decoder.select_before_box_head = True

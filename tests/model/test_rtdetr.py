@@ -28,7 +28,10 @@ def test_preset_matches_official_checkpoint_layout(name):
 
 
 def test_presets_listed():
-    assert set(list_presets()) == set(PARAMS_M)
+    # the HGNetv2 presets are tested in test_hgnetv2.py
+    hgnetv2 = {"rtdetr_hgnetv2_l", "rtdetr_hgnetv2_x", "rtdetrv2_hgnetv2_l", "rtdetrv2_hgnetv2_x",
+               "rtdetrv2_hgnetv2_h"}
+    assert set(list_presets()) == set(PARAMS_M) | hgnetv2
 
 
 def test_r50_backbone_is_frozen_as_official():
