@@ -133,7 +133,7 @@ def check_checkpoint_path(path: Optional[str], flag: str = "--checkpoint") -> No
 
 
 def check_data_folder(root: str, splits: Sequence[str]) -> None:
-    """The COCO layout ``train``/``eval`` read (engine.recipes.find_coco_split), checked for
+    """The COCO layout ``train``/``eval`` read (engine.loaders.find_coco_split), checked for
     existence only."""
     if not os.path.exists(root):
         raise FileNotFoundError(f"dataset folder {root!r} does not exist")
@@ -545,7 +545,7 @@ def _checkpoint_size(path: Optional[str]):
 
 
 def _datasets(args, size, augment="official"):
-    from .engine.recipes import coco_datasets
+    from .engine.loaders import coco_datasets
 
     return coco_datasets(args.data, size, augment=augment)
 
@@ -710,7 +710,8 @@ def prepare_train(args):
     Trainer (resumed when asked). Returns (trainer, plan, info) with info the numbers the
     command prints."""
     from .engine import distributed as D
-    from .engine.recipes import EpochCollate, StopEpochPolicy, coco_evaluate_fn, make_loader
+    from .data.policies import EpochCollate, StopEpochPolicy
+    from .engine.loaders import coco_evaluate_fn, make_loader
     from .engine.train import TrainConfig, Trainer, scaled_schedule
     from .data.transforms import MultiScaleCollate, collate_fn
 
@@ -835,7 +836,7 @@ def unwrap_model(model):
 
 def cmd_eval(args) -> int:
     from .engine.evaluate import CocoEvaluator, evaluate
-    from .engine.recipes import find_coco_split, make_loader
+    from .engine.loaders import find_coco_split, make_loader
     from .data.coco import CocoDetection
     from .data.transforms import eval_transforms
 
@@ -886,7 +887,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .engine.recipes import run_demo
+    from .engine.demo import run_demo
 
     summary = run_demo(out_dir=args.out, epochs=args.epochs, num_train=args.num_train,
                        num_val=args.num_val, batch_size=args.batch_size,

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from . import distributed as D
 from .ema import ModelEMA, unwrap
+from .recipes import Recipe, recipe_for
 from .seeding import seed_epoch, set_deterministic
 
 
@@ -65,8 +66,6 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.recipe is not None:
-            from .recipes import recipe_for
-
             recipe_for(self.recipe)  # an unknown name is a ValueError naming the choices
         elif self.backbone_lr is None:
             raise ValueError("backbone_lr=None needs a recipe (it keeps the recipe's backbone "
@@ -105,12 +104,13 @@ _BACKBONE_OTHER = re.compile(r"^(?=.*backbone)(?!.*norm).*$")
 _HEAD_NORM_BIAS = re.compile(r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bias)).*$")
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict]:
-    """The optimizer groups: ``cfg.recipe``'s (see :func:`recipe_param_groups`), else the v1
-    groups: backbone at ``backbone_lr`` (its norms without weight decay), encoder/decoder norms
-    and biases without weight decay, the rest at ``lr``."""
-    if cfg.recipe is not None:
-        return recipe_param_groups(model, cfg)
+def param_groups(model: nn.Module, cfg: TrainConfig,
+                 recipe: Optional[Recipe] = None) -> List[Dict]:
+    """The optimizer groups: ``recipe``'s or ``cfg.recipe``'s (see :func:`recipe_param_groups`),
+    else the v1 groups: backbone at ``backbone_lr`` (its norms without weight decay),
+    encoder/decoder norms and biases without weight decay, the rest at ``lr``."""
+    if recipe is not None or cfg.recipe is not None:
+        return recipe_param_groups(model, cfg, recipe)
     groups = {"backbone_norm": [], "backbone": [], "no_decay": [], "default": []}
     for name, p in unwrap(model).named_parameters():
         if not p.requires_grad:
@@ -129,14 +129,14 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict]:
     return [dict(params=ps, name=n, **settings[n]) for n, ps in groups.items() if ps]
 
 
-def recipe_param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict]:
-    """The groups of ``cfg.recipe``; groups without an lr of their own take ``cfg.lr`` (the
-    optimizer's). ``cfg.backbone_lr`` not None sets every trainable backbone parameter's lr:
-    a group holding backbone and other parameters is split, its backbone part
-    (``backbone_<name>``, or ``backbone`` for the default group) placed just before it."""
-    from .recipes import recipe_for
-
-    groups = recipe_for(cfg.recipe).param_groups(model)
+def recipe_param_groups(model: nn.Module, cfg: TrainConfig,
+                        recipe: Optional[Recipe] = None) -> List[Dict]:
+    """The groups of ``recipe`` (default: the registered recipe named by ``cfg.recipe``);
+    groups without an lr of their own take ``cfg.lr`` (the optimizer's). ``cfg.backbone_lr``
+    not None sets every trainable backbone parameter's lr: a group holding backbone and other
+    parameters is split, its backbone part (``backbone_<name>``, or ``backbone`` for the
+    default group) placed just before it."""
+    groups = (recipe or recipe_for(cfg.recipe)).param_groups(model)
     if cfg.backbone_lr is None:
         return groups
     names = {id(p): n for n, p in unwrap(model).named_parameters()}
@@ -157,8 +157,9 @@ def recipe_param_groups(model: nn.Module, cfg: TrainConfig) -> List[Dict]:
     return out
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas,
+def build_optimizer(model: nn.Module, cfg: TrainConfig,
+                    recipe: Optional[Recipe] = None) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, cfg, recipe), lr=cfg.lr, betas=cfg.betas,
                              weight_decay=cfg.weight_decay)
 
 
@@ -225,11 +226,13 @@ def _to_device(images, targets, device):
 class Trainer:
     """``train_loader`` yields (images [B,3,H,W] float in [0,1], targets) with targets as
     :meth:`RTDETR.forward` takes them. ``evaluate_fn(model)`` returns a dict of metrics (the
-    COCO numbers); it gets the EMA model when EMA is on."""
+    COCO numbers); it gets the EMA model when EMA is on. ``recipe``: a :class:`Recipe` whose
+    optimizer groups and loss and matcher weights the run takes (default: the registered recipe
+    ``cfg.recipe`` names, if any); :meth:`from_recipe` also takes its base settings."""
 
     def __init__(self, model: nn.Module, train_loader: Iterable, cfg: TrainConfig,
                  evaluate_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", recipe: Optional[Recipe] = None):
         self.cfg = cfg
         if cfg.deterministic:
             set_deterministic(True)
@@ -237,11 +240,15 @@ class Trainer:
         self.model = model.to(self.device)
         self.train_loader = train_loader
         self.evaluate_fn = evaluate_fn
-        if cfg.recipe is not None:
-            from .recipes import recipe_for
-
-            recipe_for(cfg.recipe).configure_criterion(self.model)
-        self.optimizer = build_optimizer(self.model, cfg)
+        if recipe is not None and cfg.recipe != recipe.preset:
+            raise ValueError(f"recipe {recipe.preset!r} given with TrainConfig(recipe="
+                             f"{cfg.recipe!r}): they must name the same preset "
+                             "(Trainer.from_recipe sets it)")
+        if recipe is None and cfg.recipe is not None:
+            recipe = recipe_for(cfg.recipe)
+        if recipe is not None:
+            recipe.configure_criterion(self.model)
+        self.optimizer = build_optimizer(self.model, cfg, recipe)
         self.schedule = LRSchedule(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.ema = ModelEMA(self.model, cfg.ema_decay, cfg.ema_warmups) if cfg.ema else None
@@ -252,6 +259,21 @@ class Trainer:
         self.history: List[Dict] = []
         self.main = D.is_main_process()
         self.log_path = os.path.join(cfg.output_dir, "log.jsonl")
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, model: nn.Module, train_loader: Iterable,
+                    cfg: Optional[TrainConfig] = None, **kwargs) -> "Trainer":
+        """A Trainer with ``recipe``'s optimizer groups, loss and matcher weights
+        (``TrainConfig.recipe`` set to its preset; ``cfg``'s other settings are kept, its base
+        lr, weight decay and betas become the recipe's and the backbone groups keep the
+        recipe's lrs)."""
+        if cfg is None:
+            cfg = TrainConfig(epochs=recipe.epochs, warmup_steps=recipe.warmup_steps,
+                              ema_decay=recipe.ema_decay, ema_warmups=recipe.ema_warmups,
+                              clip_max_norm=recipe.clip_max_norm)
+        cfg = dataclasses.replace(cfg, recipe=recipe.preset, lr=recipe.lr, backbone_lr=None,
+                                  weight_decay=recipe.weight_decay, betas=recipe.betas)
+        return cls(model, train_loader, cfg, recipe=recipe, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -162,7 +162,7 @@ def test_v2_recipe_trainer_and_criterion(tmp_path):
     recipe = recipe_for("rtdetrv2_r101vd")
     model = RTDETR.from_name("rtdetrv2_r18vd", num_classes=3, hidden_dim=64,
                              dim_feedforward=128, num_queries=20, num_denoising=20)
-    trainer = recipe.make_trainer(model, [], cfg(tmp_path))
+    trainer = Trainer.from_recipe(recipe, model, [], cfg(tmp_path))
     assert [g["name"] for g in trainer.optimizer.param_groups] == ["backbone", "no_decay",
                                                                    "default"]
     assert trainer.optimizer.param_groups[0]["lr"] == 1e-6
@@ -198,8 +198,8 @@ def test_trainer_with_a_recipe_and_a_backbone_lr(tmp_path):
         cfg(tmp_path, recipe="nope")
     with pytest.raises(ValueError, match="backbone_lr=None needs a recipe"):
         cfg(tmp_path, backbone_lr=None)
-    # make_trainer records its recipe in the config (and so in every checkpoint)
-    made = recipe_for("rtdetrv2_r18vd").make_trainer(model, [], cfg(tmp_path))
+    # from_recipe records its recipe in the config (and so in every checkpoint)
+    made = Trainer.from_recipe(recipe_for("rtdetrv2_r18vd"), model, [], cfg(tmp_path))
     assert made.cfg.recipe == "rtdetrv2_r18vd" and made.cfg.backbone_lr is None
 
 
