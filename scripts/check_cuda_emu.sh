@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Runs the project's CUDA kernels on the CPU: the UNCHANGED csrc/**/*.cu files are compiled
-# with g++ under the emulator of tests/cuda_emu (each CUDA thread a fiber, warp operations
+# with g++ under the emulator of tools/cuda_emu (each CUDA thread a fiber, warp operations
 # resolved and checked at sync points) and each kernel's harness compares them with float64
 # loops, in three builds (sm_80 paths, sm_90 paths, sm_90 with -fsanitize=address,undefined)
 # under five legal schedules (round-robin, reversed, one warp alone until a block barrier, two
 # seeded random orders). Then mutation checks: copies of the kernels with a known bug (the
 # old top-K race, a removed barrier, a wrong swizzle, a wrong cp.async wait count, a wrong
 # ldmatrix lane map, a wrong shuffle source) must each make some run fail. The emulator's
-# self-test (tests/cuda_emu/selftest.cu) checks that each misuse it claims to detect is.
+# self-test (tools/cuda_emu/selftest.cu) checks that each misuse it claims to detect is.
 # Needs g++ (x86-64), objcopy and the CUDA headers (cuda_fp16.h, cuda_bf16.h,
 # cuda_runtime.h); no GPU, no nvcc, no torch. The last line is "N passed, M failed".
 #   usage: scripts/check_cuda_emu.sh        (JOBS=<n> to set the parallelism)
@@ -26,10 +26,10 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 SCHEDULES=(rr rev warp rand:1 rand:2)
 KERNELS=(
-  "topk csrc/topk_select/cuda/topk_select_cuda.cu tests/cuda_emu/topk_harness.cu"
-  "msda csrc/ms_deform_attn/cuda/ms_deform_attn_cuda.cu tests/cuda_emu/msda_harness.cu"
-  "rep_conv csrc/rep_conv/cuda/rep_conv_cuda.cu tests/cuda_emu/rep_conv_harness.cu"
-  "selftest tests/cuda_emu/selftest.cu -"  # the emulator's own checks (kernels and harness in one)
+  "topk csrc/topk_select/cuda/topk_select_cuda.cu tools/cuda_emu/topk_harness.cu"
+  "msda csrc/ms_deform_attn/cuda/ms_deform_attn_cuda.cu tools/cuda_emu/msda_harness.cu"
+  "rep_conv csrc/rep_conv/cuda/rep_conv_cuda.cu tools/cuda_emu/rep_conv_harness.cu"
+  "selftest tools/cuda_emu/selftest.cu -"  # the emulator's own checks (kernels and harness in one)
 )
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g1"
 declare -A ARCH=([sm80]=800 [sm90]=900 [asan]=900)
@@ -40,8 +40,8 @@ export ASAN_OPTIONS=detect_leaks=0:abort_on_error=0
 export UBSAN_OPTIONS=print_stacktrace=1
 
 base() {  # flags common to every translation unit of a build
-  echo "-std=c++17 -w -fno-strict-aliasing -I csrc -I tests/cuda_emu -I $CUDA_INC" \
-       "-include tests/cuda_emu/cuda_emu.h -DCUDA_EMU_ARCH=${ARCH[$1]}"
+  echo "-std=c++17 -w -fno-strict-aliasing -I csrc -I tools/cuda_emu -I $CUDA_INC" \
+       "-include tools/cuda_emu/cuda_emu.h -DCUDA_EMU_ARCH=${ARCH[$1]}"
 }
 compile() {  # compile <log> <command...>
   local log=$1; shift
@@ -52,7 +52,7 @@ compile() {  # compile <log> <command...>
 build_common() {  # build_common <flavor>
   local f=$1 b=sm80 emu="-O2"
   [ "$f" = asan ] && { b=asan; emu="-O2 -DCUDA_EMU_ASAN"; }
-  compile "$TMP/emu.$f.log" $CXX $(base $b) $emu -c tests/cuda_emu/cuda_emu.cpp -o "$TMP/emu.$f.o" || return 1
+  compile "$TMP/emu.$f.log" $CXX $(base $b) $emu -c tools/cuda_emu/cuda_emu.cpp -o "$TMP/emu.$f.o" || return 1
   for k in "${KERNELS[@]}"; do
     set -- $k
     [ "$3" = - ] && continue

@@ -10,7 +10,7 @@
 # still returns its log. Each step runs under `timeout` with its budget; the budgets add up to
 # at most 480 s on an H100-class machine with 16 cores. The order is what matters most first:
 #   build      the extension in place for the GPU in hand (FORCE_CUDA=1), and the CUDA
-#              emulator's kernel harnesses (tests/cuda_emu) compiled by nvcc alongside
+#              emulator's kernel harnesses (tools/cuda_emu) compiled by nvcc alongside
 #   registered every op has a CUDA kernel; the build reports CUDA
 #   check      python -m rtdetr_fast.info --check --device cuda: every op, backend and dtype
 #              against its reference
@@ -89,9 +89,9 @@ LOG=$RESULTS_DIR/gpu_suite.log
 HBIN=$GPU_SUITE_HBIN
 export RTDETR_FAST_BENCH_QUICK=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 HARNESSES=(
-  "topk csrc/topk_select/cuda/topk_select_cuda.cu tests/cuda_emu/topk_harness.cu"
-  "msda csrc/ms_deform_attn/cuda/ms_deform_attn_cuda.cu tests/cuda_emu/msda_harness.cu"
-  "rep_conv csrc/rep_conv/cuda/rep_conv_cuda.cu tests/cuda_emu/rep_conv_harness.cu"
+  "topk csrc/topk_select/cuda/topk_select_cuda.cu tools/cuda_emu/topk_harness.cu"
+  "msda csrc/ms_deform_attn/cuda/ms_deform_attn_cuda.cu tools/cuda_emu/msda_harness.cu"
+  "rep_conv csrc/rep_conv/cuda/rep_conv_cuda.cu tools/cuda_emu/rep_conv_harness.cu"
 )
 TEST_FILES=(tests/ops tests/model/test_no_host_sync.py tests/model/test_fast_path.py)
 BENCH_OPTS=(-p no:cacheprovider --benchmark-columns=min,median,max --benchmark-sort=name)
@@ -141,7 +141,7 @@ build_harnesses() {  # nvcc only; the binaries run in the harness and sanitize s
   mkdir -p "$HBIN"
   for k in "${HARNESSES[@]}"; do
     set -- $k
-    ( nvcc -std=c++17 -O2 -lineinfo -I csrc -I tests/cuda_emu \
+    ( nvcc -std=c++17 -O2 -lineinfo -I csrc -I tools/cuda_emu \
         -gencode "arch=compute_$a,code=sm_$a" "$2" "$3" -o "$HBIN/$1" >"$HBIN/$1.build.log" 2>&1
       echo $? >"$HBIN/$1.build.rc" ) &
   done

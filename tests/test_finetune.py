@@ -1,6 +1,6 @@
 """Fine-tuning on a user's own COCO data: another class count, checkpoints that remember their
 config and category names, predict on folders with a JSON, readable pictures, small-data
-defaults and one-line errors (issue 12)."""
+defaults and one-line errors."""
 import json
 import os
 

@@ -1,4 +1,4 @@
-"""Reproducible training through the command line (issue 16): the same --seed gives the same
+"""Reproducible training through the command line: the same --seed gives the same
 run; 1 epoch + --resume to 2 equals 2 epochs; a run interrupted by SIGINT mid-epoch and resumed
 with the same arguments equals the uninterrupted run, tensor for tensor (CPU)."""
 import json
