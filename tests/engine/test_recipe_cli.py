@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from rtdetr_fast import RTDETR
-from rtdetr_fast.cli import build_parser, main, plan_training, prepare_train, recipe_line
+from rtdetr_fast.cli import build_parser, main, prepare_train, recipe_line
 from rtdetr_fast.data.policies import EpochCollate, StopEpochPolicy
 from rtdetr_fast.data.synthetic import make_synthetic_coco
 from rtdetr_fast.data.transforms import Compose, MultiScaleCollate, collate_fn
+from rtdetr_fast.engine.plan import plan_training
 from rtdetr_fast.engine.recipes import recipe_for
 from rtdetr_fast.engine.train import TrainConfig, param_groups, scaled_schedule
 
