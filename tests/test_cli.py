@@ -30,6 +30,7 @@ def trained(coco, tmp_path_factory):
     return out
 
 
+@pytest.mark.pycocotools
 def test_train_writes_checkpoints_and_log(trained):
     assert (trained / "last.pth").is_file() and (trained / "best.pth").is_file()
     records = [json.loads(line) for line in open(trained / "log.jsonl")]
@@ -37,6 +38,7 @@ def test_train_writes_checkpoints_and_log(trained):
     assert epoch["epoch"] == 1 and "eval_AP" in epoch and "train_loss" in epoch
 
 
+@pytest.mark.pycocotools
 def test_train_resume(coco, trained, tmp_path):
     rc = main(["train", "--data", coco, "--epochs", "2", "--batch-size", "2", "--workers", "0",
                "--warmup-steps", "2", "--output-dir", str(tmp_path), "--max-steps", "1",
@@ -46,6 +48,7 @@ def test_train_resume(coco, trained, tmp_path):
     assert [r["epoch"] for r in records if r["type"] == "epoch"] == [2]
 
 
+@pytest.mark.pycocotools
 def test_eval_prints_the_twelve_numbers(coco, trained, capsys):
     rc = main(["eval", "--data", coco, "--checkpoint", str(trained / "best.pth"),
                "--size", "128", "--batch-size", "2"])
@@ -59,6 +62,7 @@ def test_eval_prints_the_twelve_numbers(coco, trained, capsys):
     assert len(per_class.strip().splitlines()) == 1 + 3
 
 
+@pytest.mark.pycocotools
 def test_predict_writes_pngs(coco, trained, tmp_path, capsys):
     image = sorted(os.listdir(os.path.join(coco, "val")))[0]
     rc = main(["predict", os.path.join(coco, "val", image), "--checkpoint",
@@ -87,6 +91,7 @@ def test_info(capsys):
     assert "ms_deform_attn" in capsys.readouterr().out
 
 
+@pytest.mark.pycocotools
 def test_demo_end_to_end_short(tmp_path, capsys):
     rc = main(["demo", "--out", str(tmp_path), "--epochs", "1", "--num-train", "16",
                "--num-val", "4", "--batch-size", "8", "--no-progress"])

@@ -66,6 +66,7 @@ def test_reset_classes_keeps_the_rest_and_the_loss_follows():
     assert torch.isfinite(model(images, targets)["loss"])
 
 
+@pytest.mark.pycocotools
 def test_finetune_80_to_3_classes_through_the_cli(coco, coco80, tmp_path):
     rc = main(["train", "--data", coco, "--checkpoint", coco80, "--epochs", "1",
                "--batch-size", "2", "--workers", "0", "--max-steps", "1",
@@ -110,6 +111,7 @@ def _one_line_error(argv, capsys, expect):
 
 # ------------------------------------------------------------------------- 2. checkpoints remember
 @pytest.mark.parametrize("which", ["best.pth", "last.pth"])
+@pytest.mark.pycocotools
 def test_checkpoints_written_by_train_restore_config_and_names(scratch, which):
     model = RTDETR.from_pretrained(scratch / which)
     assert model.config.eval_spatial_size == (128, 128)
@@ -121,6 +123,7 @@ def test_checkpoints_written_by_train_restore_config_and_names(scratch, which):
     assert bigger.config.decoder.num_queries == 30
 
 
+@pytest.mark.pycocotools
 def test_finetuned_checkpoint_and_save_pretrained_keep_names(finetuned, tmp_path):
     model = RTDETR.from_pretrained(finetuned / "best.pth")
     assert model.num_classes == 3 and model.class_names == list(NAMES)
@@ -132,6 +135,7 @@ def test_finetuned_checkpoint_and_save_pretrained_keep_names(finetuned, tmp_path
         model.set_categories(["a", "b"])
 
 
+@pytest.mark.pycocotools
 def test_best_checkpoint_holds_the_model_only(scratch):
     best = torch.load(scratch / "best.pth", weights_only=True)
     last = torch.load(scratch / "last.pth", weights_only=True)
@@ -143,6 +147,7 @@ def test_best_checkpoint_holds_the_model_only(scratch):
     assert os.path.getsize(scratch / "best.pth") < 0.6 * os.path.getsize(scratch / "last.pth")
 
 
+@pytest.mark.pycocotools
 def test_eval_and_predict_use_the_checkpoint_size(coco, scratch, capsys, tmp_path):
     rc = main(["eval", "--data", coco, "--checkpoint", str(scratch / "best.pth"),
                "--json", str(tmp_path / "eval.json")])
@@ -156,6 +161,7 @@ def test_eval_and_predict_use_the_checkpoint_size(coco, scratch, capsys, tmp_pat
 
 
 # ------------------------------------------------------------------------- 3. batch > data set
+@pytest.mark.pycocotools
 def test_batch_size_larger_than_the_data_set_trains(coco, tmp_path, capsys):
     rc = main(["train", "--data", coco, "--epochs", "1", "--batch-size", "8", "--workers", "0",
                "--output-dir", str(tmp_path), "--augment", "none", *TINY])
@@ -175,12 +181,14 @@ def test_an_empty_loader_is_a_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------------- 4. one-line errors
+@pytest.mark.pycocotools
 def test_resume_with_another_preset_is_one_line(coco, scratch, capsys, tmp_path):
     _one_line_error(["train", "--data", coco, "--resume", str(scratch / "last.pth"),
                      "--preset", "rtdetr_r34vd", "--epochs", "3", "--output-dir", str(tmp_path)],
                     capsys, "not rtdetr_r34vd")
 
 
+@pytest.mark.pycocotools
 def test_resume_with_another_class_count_is_one_line(scratch, capsys, tmp_path):
     make_synthetic_coco(tmp_path / "two", num_train=2, num_val=1, size=(64, 64),
                         classes=("rectangle", "ellipse"))
@@ -189,11 +197,13 @@ def test_resume_with_another_class_count_is_one_line(scratch, capsys, tmp_path):
                      str(tmp_path / "o")], capsys, "trained for 3 classes, the data set has 2")
 
 
+@pytest.mark.pycocotools
 def test_resuming_a_finished_run_says_so(coco, scratch, capsys, tmp_path):
     _one_line_error(["train", "--data", coco, "--resume", str(scratch / "last.pth"),
                      "--epochs", "1", "--output-dir", str(tmp_path)], capsys, "nothing to train")
 
 
+@pytest.mark.pycocotools
 def test_preset_next_to_a_checkpoint_of_another_preset_is_one_line(coco, coco80, capsys,
                                                                     tmp_path):
     _one_line_error(["train", "--data", coco, "--checkpoint", coco80, "--preset", "rtdetr_r34vd",
@@ -208,6 +218,7 @@ def test_bad_set_values_are_one_line(coco, capsys, value, expect, tmp_path):
                     capsys, expect)
 
 
+@pytest.mark.pycocotools
 def test_a_bbox_of_strings_is_one_line(tmp_path, capsys):
     make_synthetic_coco(tmp_path, num_train=2, num_val=1, size=(64, 64))
     ann = tmp_path / "annotations" / "instances_train.json"
@@ -223,6 +234,7 @@ def test_predict_without_checkpoint_is_one_line(coco, capsys, tmp_path):
                     "needs --checkpoint")
 
 
+@pytest.mark.pycocotools
 def test_eval_of_another_class_count_fails_before_evaluating(coco, coco80, capsys):
     _one_line_error(["eval", "--data", coco, "--checkpoint", coco80], capsys,
                     "has 80 classes")
@@ -230,6 +242,7 @@ def test_eval_of_another_class_count_fails_before_evaluating(coco, coco80, capsy
 
 
 # ------------------------------------------------------------------------- 5. predict
+@pytest.mark.pycocotools
 def test_predict_folders_globs_json_and_unique_names(coco, finetuned, tmp_path, capsys):
     from PIL import Image
 
@@ -331,6 +344,7 @@ def test_help_shows_defaults_and_a_line_per_option():
 
 
 # ------------------------------------------------------------------------- 8. smaller points
+@pytest.mark.pycocotools
 def test_unreadable_images_are_warned_once_across_workers_and_epochs(tmp_path):
     import subprocess
     import sys
@@ -394,6 +408,7 @@ def test_fp16_amp_on_a_cpu_warns(capsys, tmp_path):
 
 
 # ------------------------------------------------------------------------- the whole path
+@pytest.mark.pycocotools
 def test_whole_path_scratch_finetune_reload_predict_eval(coco, scratch, finetuned, tmp_path,
                                                         capsys):
     # from scratch, then fine-tuned from an 80-class checkpoint: both reload with config and names
