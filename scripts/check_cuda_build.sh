@@ -73,8 +73,10 @@ if [ "$IMAGE" = 1 ]; then
     grep -E "^(gpu_suite|plan|collect|check):|^ *rtdetr_fast::" "$WORK/dry_run.log"
     echo "check_cuda_build: GPU suite dry run passed in $((SECONDS - t1)) s"
     if [ -n "${PYTEST_ARGS:-}" ]; then read -r -a ARGS <<<"$PYTEST_ARGS"; else ARGS=(tests -m "not slow"); fi
-    # the in-place build of the dry run, imported from the tree
-    if ! "$VPY" -m pytest -q -p no:cacheprovider -rs "${ARGS[@]}" >"$WORK/tests.log" 2>&1; then
+    # the in-place build of the dry run, imported from the tree; the package is not installed,
+    # so the tests' child processes (python -m rtdetr_fast, from other folders) find it by path
+    if ! PYTHONPATH="$WORK/src${PYTHONPATH:+:$PYTHONPATH}" \
+            "$VPY" -m pytest -q -p no:cacheprovider -rs "${ARGS[@]}" >"$WORK/tests.log" 2>&1; then
         tail -80 "$WORK/tests.log"; echo "check_cuda_build: tests failed (torch $TORCH)" >&2; exit 1
     fi
     # the skips other than the CUDA ones (pycocotools, the Triton interpreter), and the count
