@@ -17,7 +17,7 @@ import zipfile
 import pytest
 
 from rtdetr_fast import cli
-from rtdetr_fast.cli import main
+from rtdetr_fast.cli import _model, bench, demo, main, train
 from rtdetr_fast.data.synthetic import make_synthetic_coco
 
 TINY_MODEL = dict(hidden_dim=32, dim_feedforward=64, num_queries=10, num_denoising=4,
@@ -214,8 +214,8 @@ def test_a_mistake_is_one_line_and_exit_status_2(fx, argv, says, tmp_path, monke
         raise AssertionError("the mistake was not caught before the work began")
 
     # every case is answered before a model is built or a verb's work starts
-    for name in ("_build_model", "cmd_train", "cmd_bench", "cmd_demo"):
-        monkeypatch.setattr(cli, name, no_work)
+    for module, name in ((_model, "build_model"), (train, "run"), (bench, "run"), (demo, "run")):
+        monkeypatch.setattr(module, name, no_work)
     before = snapshot(fx["root"])
     rc, out, err = run_main([a.format(**fx) for a in argv], capsys)
     lines = error_lines(err)
@@ -261,7 +261,7 @@ def test_too_little_disk_for_the_checkpoints(fx, tmp_path, monkeypatch, capsys):
         seen.append(path)
         return 1 << 20  # 1 MiB
 
-    monkeypatch.setattr(cli, "_free_bytes", free)
+    monkeypatch.setattr(train, "_free_bytes", free)
     out = tmp_path / "run"
     rc, _, err = run_main(["train", "--data", fx["coco"], "--output-dir", str(out), "--size",
                            "64", "--workers", "0", "--set", "hidden_dim=32",

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from rtdetr_fast import RTDETR
-from rtdetr_fast.cli import build_parser, main, prepare_train, recipe_line
+from rtdetr_fast.cli import build_parser, main
+from rtdetr_fast.cli.train import prepare_train, recipe_line
 from rtdetr_fast.data.policies import EpochCollate, StopEpochPolicy
 from rtdetr_fast.data.synthetic import make_synthetic_coco
 from rtdetr_fast.data.transforms import Compose, MultiScaleCollate, collate_fn

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Sequence
+
+from ..config import list_presets
+from . import _model
+from ._checks import (DEFAULT_PRESET, check_checkpoint_path, check_int, check_output_file,
+                      check_overrides)
 
 
-def add_export_parser(sub, presets: Sequence[str], default_preset: str):
+def add_parser(sub):
     s = sub.add_parser("export", help="write an ONNX file (dynamic batch and image size)")
     s.add_argument("--checkpoint", help="weights to export (as for predict); without it a "
                                         "randomly initialised --preset")
-    s.add_argument("--preset", default=None, choices=list(presets),
-                   help=f"model preset (default: {default_preset}, or the checkpoint's)")
+    s.add_argument("--preset", default=None, choices=list_presets(),
+                   help=f"model preset (default: {DEFAULT_PRESET}, or the checkpoint's)")
     s.add_argument("--num-classes", type=int, default=None,
                    help="class count of a model without checkpoint (default: 80)")
     s.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -41,9 +45,16 @@ def add_export_parser(sub, presets: Sequence[str], default_preset: str):
     return s
 
 
-def run_export(args, build_model: Callable) -> int:
-    from .export import (check_batch, check_exporter, check_format, check_opset, check_size,
-                         export_onnx)
+def check(args) -> None:
+    check_overrides(args)
+    check_int(args, "num_classes", 1)
+    check_checkpoint_path(args.checkpoint)
+    check_output_file(args.output, "--output")
+
+
+def run(args) -> int:
+    from ..export import (check_batch, check_exporter, check_format, check_opset, check_size,
+                          export_onnx)
 
     check_format(args.format)
     check_opset(args.opset)
@@ -51,12 +62,12 @@ def run_export(args, build_model: Callable) -> int:
     check_batch(args.batch)
     size = check_size(tuple(args.export_size)) if args.export_size else None
     if args.exporter == "dynamo":
-        from .export import DYNAMO_MIN_OPSET, ExportError
+        from ..export import DYNAMO_MIN_OPSET, ExportError
 
         if args.opset < DYNAMO_MIN_OPSET:
             raise ExportError(f"the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or newer, "
                               f"got --opset {args.opset}")
-    model = build_model(args).eval()
+    model = _model.build_model(args).eval()
     if size is None:
         size = check_size(tuple(model.config.eval_spatial_size))
     start = time.perf_counter()
