@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
@@ -122,7 +122,11 @@ class TransformerEncoderLayer(nn.Module):
         return self.norm2(src + self.dropout2(ffn))
 
 
-class TransformerEncoder(nn.Module):
+class AIFI(nn.Module):
+    """Attention-based Intra-scale Feature Interaction (the paper's Sec. 4.2, Fig. 3): self-
+    attention over the tokens of one feature map (the stride-32 S5 in every preset), with the
+    2D sine-cosine position embedding (model/position.py) added to queries and keys."""
+
     def __init__(self, layer: nn.Module, num_layers: int):
         super().__init__()
         self.layers = nn.ModuleList(copy.deepcopy(layer) for _ in range(num_layers))
@@ -133,7 +137,48 @@ class TransformerEncoder(nn.Module):
         return src
 
 
-class HybridEncoder(nn.Module):
+class CCFF(nn.Module):
+    """CNN-based Cross-scale Feature Fusion (the paper's Sec. 4.2, Fig. 3 and 4): a top-down
+    (FPN) then bottom-up (PAN) path over the projected maps, each fusion a concatenation of two
+    scales through a CSPRepLayer of RepVGG blocks. Its modules (lateral_convs, fpn_blocks,
+    downsample_convs, pan_blocks) are registered on the encoder that builds them, so the
+    checkpoint keys are the official flat ones (``encoder.fpn_blocks.0...``)."""
+
+    def build_ccff(self, hidden: int, levels: int, blocks: int, act: str, expansion: float):
+        self.lateral_convs = nn.ModuleList()
+        self.fpn_blocks = nn.ModuleList()
+        for _ in range(levels - 1, 0, -1):
+            self.lateral_convs.append(ConvNormLayer(hidden, hidden, 1, 1, act=act))
+            self.fpn_blocks.append(CSPRepLayer(hidden * 2, hidden, blocks, act=act,
+                                               expansion=expansion))
+        self.downsample_convs = nn.ModuleList()
+        self.pan_blocks = nn.ModuleList()
+        for _ in range(levels - 1):
+            self.downsample_convs.append(ConvNormLayer(hidden, hidden, 3, 2, act=act))
+            self.pan_blocks.append(CSPRepLayer(hidden * 2, hidden, blocks, act=act,
+                                               expansion=expansion))
+
+    def fuse(self, proj: List[torch.Tensor]) -> List[torch.Tensor]:
+        n = len(proj)
+        # top-down (FPN)
+        inner = [proj[-1]]
+        for idx in range(n - 1, 0, -1):
+            high = self.lateral_convs[n - 1 - idx](inner[0])
+            inner[0] = high
+            low = proj[idx - 1]
+            up = nearest_upsample_to(high, low.shape[-2:])
+            inner.insert(0, self.fpn_blocks[n - 1 - idx](torch.cat([up, low], dim=1)))
+        # bottom-up (PAN)
+        outs = [inner[0]]
+        for idx in range(n - 1):
+            down = self.downsample_convs[idx](outs[-1])
+            outs.append(self.pan_blocks[idx](torch.cat([down, inner[idx + 1]], dim=1)))
+        return outs
+
+
+class HybridEncoder(CCFF):
+    """The efficient hybrid encoder (the paper's Fig. 3): input projections, AIFI on S5, CCFF."""
+
     def __init__(self, cfg: EncoderConfig, eval_spatial_size: Tuple[int, int] | None = None):
         super().__init__()
         self.cfg = cfg
@@ -159,23 +204,11 @@ class HybridEncoder(nn.Module):
                 for c in self.in_channels)
         layer = TransformerEncoderLayer(hidden, cfg.nhead, cfg.dim_feedforward, cfg.dropout,
                                         cfg.enc_act)
-        self.encoder = nn.ModuleList(TransformerEncoder(copy.deepcopy(layer), cfg.num_encoder_layers)
+        self.encoder = nn.ModuleList(AIFI(copy.deepcopy(layer), cfg.num_encoder_layers)
                                      for _ in self.use_encoder_idx)
 
-        n = len(self.in_channels)
-        blocks = round(3 * cfg.depth_mult)
-        self.lateral_convs = nn.ModuleList()
-        self.fpn_blocks = nn.ModuleList()
-        for _ in range(n - 1, 0, -1):
-            self.lateral_convs.append(ConvNormLayer(hidden, hidden, 1, 1, act=cfg.act))
-            self.fpn_blocks.append(CSPRepLayer(hidden * 2, hidden, blocks, act=cfg.act,
-                                               expansion=cfg.expansion))
-        self.downsample_convs = nn.ModuleList()
-        self.pan_blocks = nn.ModuleList()
-        for _ in range(n - 1):
-            self.downsample_convs.append(ConvNormLayer(hidden, hidden, 3, 2, act=cfg.act))
-            self.pan_blocks.append(CSPRepLayer(hidden * 2, hidden, blocks, act=cfg.act,
-                                               expansion=cfg.expansion))
+        self.build_ccff(hidden, len(self.in_channels), round(3 * cfg.depth_mult), cfg.act,
+                        cfg.expansion)
         # position embeddings by ((w, h), device, dtype), made on the device on first use and
         # kept in a bounded LRU in which the eval size's never expire
         pinned = ()
@@ -209,18 +242,4 @@ class HybridEncoder(nn.Module):
                 memory = self.encoder[i](src, pos)
                 proj[idx] = memory.permute(0, 2, 1).reshape(-1, self.hidden_dim, h, w).contiguous()
 
-        n = len(self.in_channels)
-        # top-down (FPN)
-        inner = [proj[-1]]
-        for idx in range(n - 1, 0, -1):
-            high = self.lateral_convs[n - 1 - idx](inner[0])
-            inner[0] = high
-            low = proj[idx - 1]
-            up = nearest_upsample_to(high, low.shape[-2:])
-            inner.insert(0, self.fpn_blocks[n - 1 - idx](torch.cat([up, low], dim=1)))
-        # bottom-up (PAN)
-        outs = [inner[0]]
-        for idx in range(n - 1):
-            down = self.downsample_convs[idx](outs[-1])
-            outs.append(self.pan_blocks[idx](torch.cat([down, inner[idx + 1]], dim=1)))
-        return outs
+        return self.fuse(proj)
