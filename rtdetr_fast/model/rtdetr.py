@@ -269,7 +269,7 @@ class RTDETR(nn.Module):
         not measured).
 
         ``memory_format``: ``"auto"`` (channels_last on CUDA, where cuDNN's convolutions prefer
-        it; contiguous on the CPU, where it measured no faster here: see the README),
+        it; contiguous on the CPU, where channels_last is no faster: see docs/export.md),
         ``torch.channels_last`` or ``torch.contiguous_format``.
 
         The deployed state dict holds ``...bottlenecks.N.conv.weight`` / ``.bias`` in place of
