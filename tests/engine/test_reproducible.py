@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -83,13 +84,20 @@ def test_one_epoch_then_resume_to_two_equals_two(coco, straight, tmp_path):
     assert lines(tmp_path) == lines(straight[0])
 
 
-# the CLI in a subprocess that sends itself a real SIGINT at the start of a given global step
-_INTERRUPTING = textwrap.dedent("""
-    import os, signal, sys
+# The CLI in a fresh process that sends itself a real SIGINT at the start of a given global
+# step and counts which kernels ran (the resume tests must take the CPU kernels whose routing
+# once depended on what had run before in the process: the AVX-512 Winograd training
+# convolutions, the native deformable attention). Nothing here loads the extension before the
+# CLI does.
+_DRIVER = textwrap.dedent("""
+    import collections, json, os, signal, sys
     # a shell runs background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN:
     # the child answers Ctrl-C as a terminal user's process does, whoever started the tests
     signal.signal(signal.SIGINT, signal.default_int_handler)
     from rtdetr_fast.engine import train
+    from rtdetr_fast.ops import _backend
+    from rtdetr_fast.ops.rep_conv import winograd
+    counts = collections.Counter()
     at = int(os.environ["INTERRUPT_AT_STEP"])
     step = train.Trainer.train_step
     def train_step(self, *a):
@@ -97,15 +105,46 @@ _INTERRUPTING = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGINT)
         return step(self, *a)
     train.Trainer.train_step = train_step
+    conv = winograd.conv3x3_train
+    def conv3x3_train(*a, **k):
+        counts["winograd_train"] += 1
+        return conv(*a, **k)
+    winograd.conv3x3_train = conv3x3_train
+    select = _backend.select
+    def counted_select(op, device_type):
+        fn = select(op, device_type)
+        counts[op + ":" + _backend._selected_name_eager(op, device_type)] += 1
+        return fn
+    _backend.select = counted_select
     from rtdetr_fast.cli import main
-    sys.exit(main(sys.argv[1:]))
+    try:
+        rc = main(sys.argv[1:])
+    finally:
+        counts["avx512"] = int(bool(_backend.cpu_kernels().get("avx512")))
+        with open(os.environ["COUNTS_FILE"], "w") as f:
+            json.dump(counts, f)
+    sys.exit(rc)
 """)
 
 
+def _counted_cli(args, counts_file, interrupt_at=None):
+    """The CLI run by _DRIVER: the finished process and the kernel counts it wrote."""
+    env = dict(os.environ, INTERRUPT_AT_STEP=str(-1 if interrupt_at is None else interrupt_at),
+               COUNTS_FILE=str(counts_file))
+    env.pop("RTDETR_FAST_NO_AVX512", None)
+    env.pop("RTDETR_FAST_BACKEND", None)
+    run = subprocess.run([sys.executable, "-c", _DRIVER, *args], env=env,
+                         capture_output=True, text=True, timeout=900)
+    return run, json.load(open(counts_file))
+
+
 def _cli(args, interrupt_at=None):
-    env = dict(os.environ, INTERRUPT_AT_STEP=str(-1 if interrupt_at is None else interrupt_at))
-    return subprocess.run([sys.executable, "-c", _INTERRUPTING, *args], env=env,
-                          capture_output=True, text=True, timeout=600)
+    fd, counts = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        return _counted_cli(args, counts, interrupt_at)[0]
+    finally:
+        os.unlink(counts)
 
 
 def test_sigint_mid_epoch_then_resume_equals_the_straight_run_with_workers(coco, tmp_path):
@@ -214,56 +253,6 @@ def test_resume_takes_the_saved_seed_and_warns_about_another(tmp_path, make_scal
     other = Trainer(make_scalar_model(), [batch], TrainConfig(epochs=2, output_dir=str(tmp_path), seed=2))
     with pytest.warns(RuntimeWarning, match="trained with seed 1"):
         other.resume(str(tmp_path / "last.pth"))
-
-
-# The CLI in a fresh process, counting which kernels ran: the resume tests below must take the
-# CPU kernels whose routing once depended on what had run before in the process (the AVX-512
-# Winograd training convolutions, the native deformable attention). Nothing here loads the
-# extension before the CLI does.
-_COUNTING = textwrap.dedent("""
-    import collections, json, os, signal, sys
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    from rtdetr_fast.engine import train
-    from rtdetr_fast.ops import _backend
-    from rtdetr_fast.ops.rep_conv import winograd
-    counts = collections.Counter()
-    at = int(os.environ["INTERRUPT_AT_STEP"])
-    step = train.Trainer.train_step
-    def train_step(self, *a):
-        if self.step == at:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(self, *a)
-    train.Trainer.train_step = train_step
-    conv = winograd.conv3x3_train
-    def conv3x3_train(*a, **k):
-        counts["winograd_train"] += 1
-        return conv(*a, **k)
-    winograd.conv3x3_train = conv3x3_train
-    select = _backend.select
-    def counted_select(op, device_type):
-        fn = select(op, device_type)
-        counts[op + ":" + _backend._selected_name_eager(op, device_type)] += 1
-        return fn
-    _backend.select = counted_select
-    from rtdetr_fast.cli import main
-    try:
-        rc = main(sys.argv[1:])
-    finally:
-        counts["avx512"] = int(bool(_backend.cpu_kernels().get("avx512")))
-        with open(os.environ["COUNTS_FILE"], "w") as f:
-            json.dump(counts, f)
-    sys.exit(rc)
-""")
-
-
-def _counted_cli(args, counts_file, interrupt_at=None):
-    env = dict(os.environ, INTERRUPT_AT_STEP=str(-1 if interrupt_at is None else interrupt_at),
-               COUNTS_FILE=str(counts_file))
-    env.pop("RTDETR_FAST_NO_AVX512", None)
-    env.pop("RTDETR_FAST_BACKEND", None)
-    run = subprocess.run([sys.executable, "-c", _COUNTING, *args], env=env,
-                         capture_output=True, text=True, timeout=900)
-    return run, json.load(open(counts_file))
 
 
 def _needs_avx512():
