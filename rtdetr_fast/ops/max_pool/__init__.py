@@ -25,6 +25,8 @@ def max_pool_3x3_s2(x: torch.Tensor) -> torch.Tensor:
     it covers (CPU, float32/float64, contiguous NCHW, no gradient); torch's pool every other.
     The op is not in the backend registry: it has no CUDA or Triton kernel of its own, and a
     forced backend (``ops.backend(...)``) leaves it to this choice.
+
+    Errors: ``ValueError`` (one line) when x is not a 4-d tensor.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
