@@ -41,7 +41,7 @@ def export_forms(grid_sample: bool = True) -> Iterator[ExportForms]:
         current = previous
 
 
-# the ops' export forms, called by the ops in ops/__init__.py while ``current`` is set
+# the ops' export forms, called by the public ops (ops/<op>/__init__.py) while ``current`` is set
 def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights,
                    num_points_list=None, method="default"):
     from .ms_deform_attn.export import ms_deform_attn_export
