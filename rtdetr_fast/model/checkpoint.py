@@ -82,7 +82,7 @@ def _read_folder(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
 def infer_preset(sd: Dict[str, torch.Tensor]) -> Tuple[str, int, dict]:
     """(preset name, num_classes, overrides) of an official-layout state dict, v1 or v2 (the v2
     layout has ``encoder.input_proj.N.conv``; its per-level point counts are read from the
-    ``num_points_scale`` buffers). The discrete sampling mode leaves no trace in the weights:
+    ``num_points_scale`` buffers), with a ResNet-vd or an HGNetv2 backbone (``backbone.stem.``). The discrete sampling mode leaves no trace in the weights:
     load a ``*_dsp_*`` checkpoint with ``cross_attn_method="discrete"``."""
     v2 = "encoder.input_proj.0.conv.weight" in sd
     prefix = "rtdetrv2_" if v2 else "rtdetr_"
@@ -93,33 +93,25 @@ def infer_preset(sd: Dict[str, torch.Tensor]) -> Tuple[str, int, dict]:
                              sd["decoder.enc_score_head.weight"]).shape[0]
     except KeyError as exc:
         raise CheckpointError(f"not an RT-DETR state dict: key {exc.args[0]!r} is missing") from exc
-    stages = {}
-    for k in sd:
-        m = re.match(r"backbone\.res_layers\.(\d+)\.blocks\.(\d+)\.", k)
-        if m:
-            i, j = int(m.group(1)), int(m.group(2))
-            stages[i] = max(stages.get(i, 0), j + 1)
-    counts = tuple(stages[i] for i in sorted(stages))
-    bottleneck = any(".branch2c." in k for k in sd)
-    depth = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
-             ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}.get((counts, bottleneck))
-    if depth is None:
-        raise CheckpointError(f"unrecognised backbone: blocks per stage {counts}, "
-                              f"{'bottleneck' if bottleneck else 'basic'} blocks")
     fpn_hidden = _first_shape(sd, "encoder.fpn_blocks.0.conv1.conv.weight", 0)
     expansion = fpn_hidden / hidden if fpn_hidden else 1.0
     n_dec = len({k.split(".")[2] for k in sd if k.startswith("decoder.dec_score_head.")})
-    candidates = [n for n, c in PRESETS.items()
-                  if c.backbone.depth == depth and n.startswith(prefix)] or [prefix + "r50vd"]
-    name = min(candidates, key=lambda n: abs(PRESETS[n].encoder.expansion - expansion))
-    preset = PRESETS[name]
     overrides = {}
-    if depth != preset.backbone.depth:
-        overrides["backbone.depth"] = depth
+    if "backbone.stem.stem1.conv.weight" in sd:
+        name = _infer_hgnetv2(sd, prefix, hidden, overrides)
+    else:
+        name = _infer_presnet(sd, prefix, expansion, overrides)
+    preset = PRESETS[name]
+    n_enc = len({k.split(".")[4] for k in sd if k.startswith("encoder.encoder.0.layers.")})
     derived = {
         "encoder.hidden_dim": hidden,
         "encoder.expansion": expansion,
         "encoder.dim_feedforward": _first_shape(sd, "encoder.encoder.0.layers.0.linear1.weight", 0),
+        "encoder.num_encoder_layers": n_enc or None,
+        "encoder.in_channels": tuple(
+            sd[f"encoder.input_proj.{i}.{'conv' if v2 else '0'}.weight"].shape[1]
+            for i in range(len(preset.encoder.in_channels))
+            if f"encoder.input_proj.{i}.{'conv' if v2 else '0'}.weight" in sd) or None,
         "decoder.hidden_dim": _first_shape(
             sd, f"decoder.enc_output.{'proj' if v2 else '0'}.weight", 0),
         "decoder.dim_feedforward": _first_shape(sd, "decoder.decoder.layers.0.linear1.weight", 0),
@@ -142,6 +134,69 @@ def infer_preset(sd: Dict[str, torch.Tensor]) -> Tuple[str, int, dict]:
     if "decoder.num_decoder_layers" in overrides:
         overrides["decoder.eval_idx"] = -1
     return name, num_classes, overrides
+
+
+def _infer_presnet(sd, prefix, expansion, overrides) -> str:
+    stages = {}
+    for k in sd:
+        m = re.match(r"backbone\.res_layers\.(\d+)\.blocks\.(\d+)\.", k)
+        if m:
+            i, j = int(m.group(1)), int(m.group(2))
+            stages[i] = max(stages.get(i, 0), j + 1)
+    counts = tuple(stages[i] for i in sorted(stages))
+    bottleneck = any(".branch2c." in k for k in sd)
+    depth = {((2, 2, 2, 2), False): 18, ((3, 4, 6, 3), False): 34, ((3, 4, 6, 3), True): 50,
+             ((3, 4, 23, 3), True): 101, ((3, 8, 36, 3), True): 152}.get((counts, bottleneck))
+    if depth is None:
+        raise CheckpointError(f"unrecognised backbone: blocks per stage {counts}, "
+                              f"{'bottleneck' if bottleneck else 'basic'} blocks")
+    candidates = [n for n, c in PRESETS.items() if c.backbone.name == "presnet"
+                  and c.backbone.depth == depth and n.startswith(prefix)] or [prefix + "r50vd"]
+    name = min(candidates, key=lambda n: abs(PRESETS[n].encoder.expansion - expansion))
+    if depth != PRESETS[name].backbone.depth:
+        overrides["backbone.depth"] = depth
+    return name
+
+
+def _infer_hgnetv2(sd, prefix, hidden, overrides) -> str:
+    """The HGNetv2 variant from the stem's widths and each stage's blocks, layers per block and
+    output channels; the preset of that variant (else the nearest in encoder width, its
+    variant overridden)."""
+    from .backbones import hgnetv2
+
+    def count(pattern):
+        found = {int(m.group(1)) for k in sd for m in [re.match(pattern, k)] if m}
+        return max(found) + 1 if found else 0
+
+    stages = []
+    for i in range(count(r"backbone\.stages\.(\d+)\.")):
+        out = _first_shape(sd, f"backbone.stages.{i}.blocks.0.aggregation_excitation_conv."
+                               "conv.weight", 0)
+        stages.append((count(rf"backbone\.stages\.{i}\.blocks\.(\d+)\."),
+                       count(rf"backbone\.stages\.{i}\.blocks\.0\.layers\.(\d+)\."), out))
+    found = (_first_shape(sd, "backbone.stem.stem1.conv.weight", 0),
+             _first_shape(sd, "backbone.stem.stem4.conv.weight", 0), tuple(stages))
+    variant = next((v for v, (stem, specs) in hgnetv2.ARCHS.items()
+                    if found == (stem[1], stem[2], tuple((s.num_blocks, s.num_layers,
+                                                          s.out_channels) for s in specs))),
+                   None)
+    if variant is None:
+        raise CheckpointError(f"unrecognised HGNetv2 backbone: stem widths {found[:2]}, "
+                              f"(blocks, layers, channels) per stage {list(found[2])}")
+    candidates = [n for n, c in PRESETS.items()
+                  if c.backbone.name == "hgnetv2" and n.startswith(prefix)]
+    same = [n for n in candidates
+            if hgnetv2.ALIASES.get(PRESETS[n].backbone.variant, PRESETS[n].backbone.variant)
+            == variant]
+    name = (same or sorted(candidates, key=lambda n: abs(PRESETS[n].encoder.hidden_dim
+                                                         - hidden)))[0]
+    bb = PRESETS[name].backbone
+    if hgnetv2.ALIASES.get(bb.variant, bb.variant) != variant:
+        overrides["backbone.variant"] = variant
+    use_lab = any(k.startswith("backbone.") and ".lab." in k for k in sd)
+    if use_lab != bb.use_lab:
+        overrides["backbone.use_lab"] = use_lab
+    return name
 
 
 def _first_shape(sd, key, dim):

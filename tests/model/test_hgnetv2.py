@@ -198,3 +198,139 @@ def test_official_layout_loads_strictly():
                                               r"stem\.stem4\.conv\.weight"):
         load_state_dict_strict(RTDETR.from_name("rtdetrv2_hgnetv2_l",
                                                 **{"backbone.variant": "X"}), sd, "test")
+
+
+# ------------------------------------------------------------------ the official outputs
+OFFICIAL = pathlib.Path(__file__).resolve().parents[1] / "data" / "official_hgnetv2"
+OFFICIAL_SIZES = {"rtdetrv2_hgnetv2_l": ((640, 640), (480, 800)),
+                  "rtdetrv2_hgnetv2_x": ((640, 640), (480, 800))}
+
+
+def _official_params():
+    out = []
+    for preset, sizes in OFFICIAL_SIZES.items():
+        for size in sizes:
+            slow = preset != "rtdetrv2_hgnetv2_l" or size != (480, 800)
+            out.append(pytest.param(preset, size, marks=[pytest.mark.slow] if slow else [],
+                                    id=f"{preset}-{size[0]}x{size[1]}"))
+    return out
+
+
+@pytest.mark.parametrize("preset, size", _official_params())
+def test_equals_the_official_hgnetv2_model(preset, size):
+    """float64, the seeded weights and input of test_official_v2, outputs compared with the
+    official rtdetrv2_pytorch model's recorded in tests/data/official_hgnetv2 (its README says
+    how) to 1e-12."""
+    import json
+
+    from test_official_v2 import assert_matches, fill_weights, make_input, summarize
+
+    recorded = json.loads((OFFICIAL / f"{preset}.json").read_text())
+    model = RTDETR.from_name(preset, eval_spatial_size=size)
+    fill_weights(model)
+    model = model.double().eval()
+    with torch.no_grad():
+        out = model(make_input(size))
+    name = f"{size[0]}x{size[1]}_default_444_default"
+    assert_matches(summarize(out), recorded["cases"][name], f"{preset} {name}")
+
+
+# ------------------------------------------------------------------ deploy
+def _norms(module):
+    from rtdetr_fast.model.common import is_batch_norm
+
+    return [m for m in module.modules() if is_batch_norm(m)]
+
+
+def test_deploy_folds_every_norm_float64_l(tmp_path):
+    """RT-DETRv2-L at a small size: every norm (the backbone's frozen ones included) folded,
+    outputs unchanged to float64 rounding, idempotent; the deployed model saves and loads."""
+    from test_official_v2 import fill_weights
+
+    model = RTDETR.from_name("rtdetrv2_hgnetv2_l", eval_spatial_size=(128, 160))
+    fill_weights(model)
+    model = model.double().eval()
+    x = torch.rand(1, 3, 128, 160, dtype=torch.float64)
+    n_backbone = len(_norms(model.backbone))
+    with torch.no_grad():
+        before = model(x)
+        model.deploy()
+        assert _norms(model) == []
+        sd = model.state_dict()
+        after = model(x)
+        model.deploy()
+        again = model(x)
+    assert n_backbone == 80
+    assert sd.keys() == model.state_dict().keys()
+    assert "backbone.stem.stem2a.conv.1.bias" in sd
+    assert not any(".bn." in k for k in sd)
+    for k in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(after[k], before[k], rtol=1e-10, atol=1e-10)
+        assert torch.equal(again[k], after[k])
+    model.save_pretrained(tmp_path / "deployed")
+    loaded = RTDETR.from_pretrained(tmp_path / "deployed")  # float32: the values rounded
+    assert _norms(loaded) == []
+    got = loaded.state_dict()
+    assert got.keys() == sd.keys()
+    for k, v in sd.items():
+        assert torch.equal(got[k], v.to(got[k].dtype)), k
+
+
+def test_deploy_folds_trainable_norms_and_keeps_the_affine():
+    """B0 with the learnable affine and plain (trained-looking) batch norms, backbone alone."""
+    from test_official_v2 import fill_weights
+
+    holder = torch.nn.Module()
+    holder.backbone = build_backbone(BackboneConfig(name="hgnetv2", variant="B0", use_lab=True,
+                                                    freeze_at=-1, freeze_norm=False))
+    fill_weights(holder)
+    bb = holder.backbone.double().eval()
+    x = torch.rand(2, 3, 64, 96, dtype=torch.float64)
+    n = len(_norms(bb))
+    with torch.no_grad():
+        before = bb(x)
+        assert bb.fold_norms() == n
+        after = bb(x)
+    assert _norms(bb) == []
+    assert any(k.endswith(".lab.scale") for k in bb.state_dict())
+    for a, b in zip(after, before):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------ checkpoints
+@pytest.mark.parametrize("name", ["rtdetr_hgnetv2_l", "rtdetr_hgnetv2_x", "rtdetrv2_hgnetv2_l",
+                                  "rtdetrv2_hgnetv2_x", "rtdetrv2_hgnetv2_h"])
+def test_infer_preset_from_the_layout(name):
+    from rtdetr_fast.model.checkpoint import infer_preset
+
+    sd = RTDETR.from_name(name).state_dict()
+    assert infer_preset({k: v for k, v in sd.items() if k not in DERIVED_KEYS}) == (name, 80, {})
+
+
+def test_infer_preset_reports_another_variant_and_the_affine():
+    from rtdetr_fast.model.checkpoint import infer_preset
+
+    model = RTDETR.from_name("rtdetrv2_hgnetv2_l", num_classes=3, **{
+        "backbone.variant": "B2", "backbone.use_lab": True,
+        "encoder.in_channels": (384, 768, 1536), "encoder.num_encoder_layers": 2})
+    assert infer_preset(model.state_dict()) == ("rtdetrv2_hgnetv2_l", 3, {
+        "backbone.variant": "B2", "backbone.use_lab": True,
+        "encoder.in_channels": (384, 768, 1536), "encoder.num_encoder_layers": 2})
+
+
+def test_official_pth_loads_strictly_with_its_values(tmp_path):
+    """A released-layout .pth (ema.module, no anchors / valid_mask) loads into the inferred
+    preset with every value; asserting another preset is refused."""
+    from rtdetr_fast.model.checkpoint import CheckpointError
+
+    src = RTDETR.from_name("rtdetrv2_hgnetv2_l")
+    # every value new, but the point-count buffers, which the preset is read from
+    sd = {k: torch.rand_like(v) if v.is_floating_point() and "num_points_scale" not in k else v
+          for k, v in src.state_dict().items() if k not in DERIVED_KEYS}
+    torch.save({"ema": {"module": sd}}, tmp_path / "l.pth")
+    model = RTDETR.from_pretrained(tmp_path / "l.pth")
+    assert model.config.name == "rtdetrv2_hgnetv2_l"
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
+    with pytest.raises(CheckpointError, match="not rtdetrv2_hgnetv2_x"):
+        RTDETR.from_pretrained(tmp_path / "l.pth", name="rtdetrv2_hgnetv2_x")
