@@ -276,6 +276,30 @@ def test_deploy_folds_every_norm_float64_l(tmp_path):
         assert torch.equal(got[k], v.to(got[k].dtype)), k
 
 
+def test_deploy_float32_keeps_the_features_l():
+    """In float32 (the CPU's fast routes for the encoder's folded convs) the backbone's and
+    the encoder's features stay within float32 rounding of the float64 model's. (The logits
+    of random weights are compared in float64 above: float32 rounding reorders near-tied
+    queries.)"""
+    import copy
+
+    from test_official_v2 import fill_weights
+
+    model = RTDETR.from_name("rtdetrv2_hgnetv2_l", eval_spatial_size=(128, 160))
+    fill_weights(model)
+    model.eval()
+    x = torch.rand(1, 3, 128, 160)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()
+        want_bb = ref.backbone(x.double())
+        want = ref.encoder(want_bb)
+        model.deploy()
+        got_bb = model.backbone(x)
+        got = model.encoder(got_bb)
+    for a, b in zip(got_bb + got, want_bb + want):
+        assert ((a.double() - b).abs().max() / b.abs().max()).item() < 1e-5
+
+
 def test_deploy_folds_trainable_norms_and_keeps_the_affine():
     """B0 with the learnable affine and plain (trained-looking) batch norms, backbone alone."""
     from test_official_v2 import fill_weights
