@@ -82,8 +82,9 @@ def _read_folder(path: str) -> Tuple[Dict[str, torch.Tensor], dict]:
 def infer_preset(sd: Dict[str, torch.Tensor]) -> Tuple[str, int, dict]:
     """(preset name, num_classes, overrides) of an official-layout state dict, v1 or v2 (the v2
     layout has ``encoder.input_proj.N.conv``; its per-level point counts are read from the
-    ``num_points_scale`` buffers), with a ResNet-vd or an HGNetv2 backbone (``backbone.stem.``). The discrete sampling mode leaves no trace in the weights:
-    load a ``*_dsp_*`` checkpoint with ``cross_attn_method="discrete"``."""
+    ``num_points_scale`` buffers), with a ResNet-vd or an HGNetv2 backbone (``backbone.stem.``).
+    The discrete sampling mode leaves no trace in the weights: load a ``*_dsp_*`` checkpoint
+    with ``cross_attn_method="discrete"``."""
     v2 = "encoder.input_proj.0.conv.weight" in sd
     prefix = "rtdetrv2_" if v2 else "rtdetr_"
     try:
