@@ -203,7 +203,8 @@ def test_official_layout_loads_strictly():
 # ------------------------------------------------------------------ the official outputs
 OFFICIAL = pathlib.Path(__file__).resolve().parents[1] / "data" / "official_hgnetv2"
 OFFICIAL_SIZES = {"rtdetrv2_hgnetv2_l": ((640, 640), (480, 800)),
-                  "rtdetrv2_hgnetv2_x": ((640, 640), (480, 800))}
+                  "rtdetrv2_hgnetv2_x": ((640, 640), (480, 800)),
+                  "rtdetrv2_hgnetv2_h": ((640, 640), (480, 800))}
 
 
 def _official_params():
@@ -237,7 +238,7 @@ def test_equals_the_official_hgnetv2_model(preset, size):
 
 # ------------------------------------------------------------------ deploy
 def _norms(module):
-    from rtdetr_fast.model.common import is_batch_norm
+    from rtdetr_fast.model.norms import is_batch_norm
 
     return [m for m in module.modules() if is_batch_norm(m)]
 
