@@ -76,8 +76,10 @@ if [ "$IMAGE" = 1 ]; then
     # the in-place build of the dry run, imported from the tree; the package is not installed,
     # so the tests' child processes (python -m rtdetr_fast, from other folders) find it by path
     if ! PYTHONPATH="$WORK/src${PYTHONPATH:+:$PYTHONPATH}" \
-            "$VPY" -m pytest -q -p no:cacheprovider -rs "${ARGS[@]}" >"$WORK/tests.log" 2>&1; then
-        tail -80 "$WORK/tests.log"; echo "check_cuda_build: tests failed (torch $TORCH)" >&2; exit 1
+            "$VPY" -m pytest -q -p no:cacheprovider -rsfE "${ARGS[@]}" >"$WORK/tests.log" 2>&1; then
+        # the failures' tracebacks, then each failing test on one line (the skips left out)
+        grep -vE "^SKIPPED" "$WORK/tests.log" | tail -120
+        echo "check_cuda_build: tests failed (torch $TORCH)" >&2; exit 1
     fi
     # the skips other than the CUDA ones (pycocotools, the Triton interpreter), and the count
     grep -E "^SKIPPED" "$WORK/tests.log" | grep -v "needs a CUDA device" || true
