@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import BackboneConfig
-from .common import ConvNormLayer, freeze_batch_norm, get_activation
+from .layers import ConvNormLayer, get_activation
+from .norms import freeze_batch_norm
 
 BLOCK_COUNTS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3],
                 152: [3, 8, 36, 3]}

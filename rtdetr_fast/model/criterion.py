@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import box_cxcywh_to_xyxy, elementwise_box_iou
+from .box_ops import box_cxcywh_to_xyxy, elementwise_box_iou
 from .matcher import HungarianMatcher
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]

@@ -14,8 +14,9 @@ from torch.nn import init
 
 from .. import ops
 from ..config import DecoderConfig
-from .common import (MLP, ShapeCache, bias_init_with_prob, feature_size, get_activation,
-                     inverse_sigmoid)
+from .box_ops import inverse_sigmoid
+from .layers import MLP, bias_init_with_prob, get_activation
+from .shapes import ShapeCache, feature_size
 from .position import generate_anchors, tracing
 from .query_selection import select_queries
 

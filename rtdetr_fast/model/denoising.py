@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .common import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 
 
 def contrastive_denoising_group(targets: List[Dict[str, torch.Tensor]], num_classes: int,

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import EncoderConfig
-from .common import (ConvNormLayer, ShapeCache, bn_scale_shift, feature_size, get_activation,
-                     nearest_upsample_to)
+from .layers import ConvNormLayer, get_activation, nearest_upsample_to
+from .norms import bn_scale_shift
+from .shapes import ShapeCache, feature_size
 # sincos_position_embedding is also imported from here
 from .position import sincos_position_embedding, tracing  # noqa: F401
 

@@ -6,7 +6,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn as nn
 
-from .common import box_cxcywh_to_xyxy, generalized_box_iou
+from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 
 class HungarianMatcher(nn.Module):

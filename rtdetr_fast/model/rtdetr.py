@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..config import RTDETRConfig, get_config
 from .backbones import build_backbone
-from .common import box_xyxy_to_cxcywh
+from .box_ops import box_xyxy_to_cxcywh
 from .criterion import RTDETRCriterion
 from .decoder import MSDeformableAttention, RTDETRDecoder
 from .denoising import contrastive_denoising_group
@@ -275,7 +275,7 @@ class RTDETR(nn.Module):
         The deployed state dict holds ``...bottlenecks.N.conv.weight`` / ``.bias`` in place of
         ``...bottlenecks.N.conv1.*`` and ``conv2.*``, and each folded conv's ``.bias`` in place
         of its norm's entries; load it into a deployed model."""
-        from .common import fold_batch_norms
+        from .deploy import fold_batch_norms
 
         self.eval()
         self.fold_rep_convs()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rtdetr_fast import RTDETR
-from rtdetr_fast.model.common import box_cxcywh_to_xyxy, generalized_box_iou
+from rtdetr_fast.model.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 from rtdetr_fast.model.criterion import RTDETRCriterion, varifocal_loss
 from rtdetr_fast.model.denoising import contrastive_denoising_group
 from rtdetr_fast.model.matcher import HungarianMatcher

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rtdetr_fast import RTDETR
-from rtdetr_fast.model.common import FrozenBatchNorm2d
+from rtdetr_fast.model.norms import FrozenBatchNorm2d
 
 from conftest import randomize_batch_norms
 

@@ -10,7 +10,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 from rtdetr_fast import RTDETR, ops
-from rtdetr_fast.model.common import ShapeCache, feature_size
+from rtdetr_fast.model.shapes import ShapeCache, feature_size
 
 from conftest import randomize_batch_norms
 

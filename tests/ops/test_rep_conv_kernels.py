@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from rtdetr_fast import ops
-from rtdetr_fast.model.common import FrozenBatchNorm2d, freeze_batch_norm
+from rtdetr_fast.model.norms import FrozenBatchNorm2d, freeze_batch_norm
 from rtdetr_fast.model.encoder import RepVggBlock
 from rtdetr_fast.ops import _backend
 from rtdetr_fast.ops.rep_conv import native as rc_native

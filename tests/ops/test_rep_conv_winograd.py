@@ -322,7 +322,7 @@ def test_trains_only_where_it_should():
 def test_training_model_layer_takes_the_kernel(monkeypatch):
     """A ConvNormLayer in training mode runs conv3x3_train, and its gradients match the
     oneDNN path's within float32 rounding."""
-    from rtdetr_fast.model.common import ConvNormLayer
+    from rtdetr_fast.model.layers import ConvNormLayer
     if wg.min_channels(torch.float32) > 32:
         pytest.skip("32-channel layers take the kernel only with its AVX-512 build")
     torch.manual_seed(7)

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...config import BackboneConfig
-from ..common import fold_conv_norm, freeze_batch_norm, is_batch_norm
+from ..norms import fold_conv_norm, freeze_batch_norm, is_batch_norm
 
 
 class StageSpec(NamedTuple):
