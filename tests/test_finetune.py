@@ -401,10 +401,17 @@ def test_float_images_of_0_to_255_are_an_error():
     model.predict(np.full((64, 64, 3), 0.5, dtype=np.float32))
 
 
-def test_fp16_amp_on_a_cpu_warns(capsys, tmp_path):
+@pytest.mark.pycocotools
+def test_fp16_amp_on_a_cpu_warns(coco, capsys, tmp_path):
+    # a mistake is found before anything runs: its one line, no warning
     assert main(["train", "--data", str(tmp_path / "none"), "--amp", "fp16"]) == 2
     err = capsys.readouterr().err
-    assert "--amp fp16 on a CPU" in err and "does not exist" in err
+    assert "does not exist" in err and "--amp" not in err and len(err.strip().splitlines()) == 1
+    # a run that starts says what the flag costs there
+    assert main(["train", "--data", coco, "--amp", "fp16", "--epochs", "1", "--max-steps", "1",
+                 "--batch-size", "2", "--workers", "0", "--output-dir", str(tmp_path / "run"),
+                 *TINY]) == 0
+    assert "--amp fp16 on a CPU" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------- the whole path
