@@ -55,8 +55,10 @@ class RTDETR(nn.Module):
 
     @classmethod
     def from_name(cls, name: str, num_classes: int = 80, **overrides: Any) -> "RTDETR":
-        """A randomly initialised preset (``rtdetr_r18vd`` ... ``rtdetr_r101vd``); no download.
-        Every config field is an override, e.g. ``num_queries=500``."""
+        """A randomly initialised preset (``rtdetr_r18vd`` ... ``rtdetr_r101vd``, the
+        ``rtdetrv2_*`` ones, ``rtdetr_hgnetv2_l`` / ``_x``, ``rtdetrv2_hgnetv2_l`` / ``_x`` /
+        ``_h``: ``rtdetr_fast.config.list_presets()``); no download. Every config field is an
+        override, e.g. ``num_queries=500``."""
         return cls(get_config(name, num_classes, **overrides))
 
     @classmethod
