@@ -252,6 +252,7 @@ def test_a_size_not_a_multiple_of_32_warns(fx, tmp_path, capsys):
     assert "ONNX export" in err and not (tmp_path / "run").exists()
 
 
+@pytest.mark.pycocotools
 def test_too_little_disk_for_the_checkpoints(fx, tmp_path, monkeypatch, capsys):
     """The free-space check runs once the model is built, before the first step; nothing is
     trained or written."""

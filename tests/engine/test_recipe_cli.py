@@ -49,6 +49,7 @@ def recipe_groups(recipe, model, lr=None):
 
 
 # ------------------------------------------------------------------------- v2: the recipe
+@pytest.mark.pycocotools
 def test_v2_preset_trains_with_its_recipe(coco, tmp_path):
     trainer, plan, _ = prepare(coco, tmp_path, "--preset", "rtdetrv2_r34vd")
     recipe = recipe_for("rtdetrv2_r34vd")
@@ -84,6 +85,7 @@ def test_v2_preset_trains_with_its_recipe(coco, tmp_path):
     assert "backbone 5e-05" in line and line.endswith("overridden by flags: nothing")
 
 
+@pytest.mark.pycocotools
 def test_v2_checkpoint_infers_the_preset_and_its_recipe(coco, tmp_path):
     torch.manual_seed(0)
     model = RTDETR.from_name("rtdetrv2_r18vd", num_classes=80, **SMALL)
@@ -101,6 +103,7 @@ def test_v2_checkpoint_infers_the_preset_and_its_recipe(coco, tmp_path):
 
 
 # ------------------------------------------------------------------------- flags win
+@pytest.mark.pycocotools
 def test_flags_override_the_recipe(coco, tmp_path):
     trainer, plan, _ = prepare(coco, tmp_path, "--preset", "rtdetrv2_r34vd", "--epochs", "12",
                                "--lr", "2e-4", "--backbone-lr", "3e-5", "--no-multi-scale",
@@ -118,6 +121,7 @@ def test_flags_override_the_recipe(coco, tmp_path):
                          "--warmup-steps 1, --no-multi-scale, --no-ema")
 
 
+@pytest.mark.pycocotools
 def test_backbone_lr_splits_a_recipe_without_backbone_groups(coco, tmp_path):
     # rtdetrv2_r18vd trains its backbone at the base lr: --backbone-lr takes the backbone's
     # parameters out of the groups they share with the encoder and decoder
@@ -156,6 +160,7 @@ def test_stop_epochs_keep_the_recipes_distance_from_the_end(preset, epochs, stop
         recipe_for(preset).for_epochs(0)
 
 
+@pytest.mark.pycocotools
 def test_stop_epochs_from_the_command_line(coco, tmp_path):
     trainer, plan, _ = prepare(coco, tmp_path, "--preset", "rtdetrv2_r34vd", "--epochs", "12")
     assert (plan.stop_epoch, plan.multi_scale_stop_epoch) == (9, 9)
@@ -174,6 +179,7 @@ def test_stop_epochs_from_the_command_line(coco, tmp_path):
 
 
 # ------------------------------------------------------------------------- resume
+@pytest.mark.pycocotools
 def test_resume_keeps_the_recipe_and_its_flags(coco, tmp_path, capsys):
     first = tmp_path / "first"
     argv = ["train", "--data", coco, *TINY, "--preset", "rtdetrv2_r18vd", "--epochs", "1",
@@ -215,6 +221,7 @@ def test_a_run_without_a_recorded_recipe_resumes_with_the_v1_groups():
 
 
 # ------------------------------------------------------------------------- v1 unchanged
+@pytest.mark.pycocotools
 def test_v1_preset_keeps_the_command_defaults(coco, tmp_path):
     trainer, plan, info = prepare(coco, tmp_path, "--preset", "rtdetr_r18vd")
     assert plan.recipe is None and plan.overrides == ()

@@ -62,6 +62,7 @@ def straight(coco, tmp_path_factory):
     return out, _train(coco, out, "--epochs", "2", "--seed", "5", "--workers", "0")
 
 
+@pytest.mark.pycocotools
 def test_same_seed_same_run_and_another_seed_another(coco, straight, tmp_path):
     again = _train(coco, tmp_path / "a", "--epochs", "2", "--seed", "5", "--workers", "0")
     assert _differing(straight[1], again) == []
@@ -71,6 +72,7 @@ def test_same_seed_same_run_and_another_seed_another(coco, straight, tmp_path):
     assert len(differ) > 100  # the initialisation already differs
 
 
+@pytest.mark.pycocotools
 def test_one_epoch_then_resume_to_two_equals_two(coco, straight, tmp_path):
     _train(coco, tmp_path, "--epochs", "1", "--seed", "5", "--workers", "0")
     # no --seed: the resumed run takes the one saved in its checkpoint
@@ -147,6 +149,7 @@ def _cli(args, interrupt_at=None):
         os.unlink(counts)
 
 
+@pytest.mark.pycocotools
 def test_sigint_mid_epoch_then_resume_equals_the_straight_run_with_workers(coco, tmp_path):
     args = ["train", "--data", coco, *COMMON, "--epochs", "2", "--seed", "3", "--workers", "2"]
     done = _cli([*args, "--output-dir", str(tmp_path / "straight")])
@@ -190,6 +193,7 @@ def test_worker_seeds_differ_by_epoch_rank_and_worker():
     assert derive_seed(1, 0) != derive_seed(0, 1)
 
 
+@pytest.mark.pycocotools
 def test_deterministic_flag_trains_on_the_cpu(coco, tmp_path):
     try:
         _train(coco, tmp_path, "--epochs", "1", "--workers", "0", "--deterministic",
@@ -199,6 +203,7 @@ def test_deterministic_flag_trains_on_the_cpu(coco, tmp_path):
         torch.use_deterministic_algorithms(False)
 
 
+@pytest.mark.pycocotools
 def test_a_refused_deterministic_op_is_one_line(coco, tmp_path, monkeypatch, capsys):
     from rtdetr_fast.engine import train
 
@@ -227,6 +232,7 @@ def _torchrun(args):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.pycocotools
 def test_ddp_two_gloo_ranks_resumed_equals_straight(coco, tmp_path):
     args = ["train", "--data", coco, *COMMON, "--seed", "2", "--workers", "0", "--device", "cpu"]
     done = _torchrun([*args, "--epochs", "2", "--output-dir", str(tmp_path / "straight")])
@@ -283,6 +289,7 @@ def _assert_kernels_taken(counts):
     assert counts.get("ms_deform_attn:native", 0) > 0, counts
 
 
+@pytest.mark.pycocotools
 def test_resumed_and_interrupted_runs_equal_the_straight_one_on_the_avx512_kernels(coco128,
                                                                                     tmp_path):
     _needs_avx512()
